@@ -1,0 +1,109 @@
+"""Typed schemas for the config groups. A key that is not declared here is a typo, and a value of the wrong
+type is an error, both reported before anything heavy loads (see `validate.py`).
+
+Keys keep the reference trainer's names (diffusion-pipe) so its users feel at home."""
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class ModelConfig:
+    """Keys every family understands."""
+
+    _target_: str = "???"
+    tiny: bool = False
+    dtype: str = "bfloat16"
+    transformer_dtype: Optional[str] = None
+    timestep_sample_method: str = "logit_normal"
+    sigmoid_scale: float = 1.0
+    shift: Optional[float] = None
+    flux_shift: bool = False
+    min_t: float = 0.0
+    max_t: float = 1.0
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class FluxConfig(ModelConfig):
+    diffusers_path: Optional[str] = None
+    transformer_path: Optional[str] = None
+    guidance: float = 1.0
+    bypass_guidance_embedding: bool = False
+    max_sequence_length: int = 512
+
+
+# The schema of each family, by the `_target_` of its model config.
+MODEL_SCHEMAS: dict[str, type[ModelConfig]] = {
+    "src.modules.flux.FluxModule": FluxConfig,
+}
+
+
+@dataclass
+class DirectoryConfig:
+    """One media folder. Unset keys inherit the dataset-level value."""
+
+    path: str = "???"
+    resolutions: Optional[list[Any]] = None
+    enable_ar_bucket: Optional[bool] = None
+    min_ar: Optional[float] = None
+    max_ar: Optional[float] = None
+    num_ar_buckets: Optional[int] = None
+    ar_buckets: Optional[list[Any]] = None
+    num_repeats: Optional[int] = None
+    caption_prefix: Optional[str] = None
+
+
+@dataclass
+class DatasetConfig:
+    _target_: str = "src.datamodules.datamodule.DiffusionDataModule"
+    path: Optional[str] = None
+    directories: list[DirectoryConfig] = field(default_factory=list)
+    resolutions: list[Any] = field(default_factory=lambda: [512])
+    enable_ar_bucket: bool = True
+    min_ar: float = 0.5
+    max_ar: float = 2.0
+    num_ar_buckets: int = 7
+    ar_buckets: Optional[list[Any]] = None
+    num_repeats: int = 1
+    caption_prefix: str = ""
+    batch_size: int = 1
+    num_workers: int = 0
+    cache_dir: Optional[str] = None
+    cache_workers: int = 1
+
+
+@dataclass
+class EvalDatasetConfig(DirectoryConfig):
+    name: str = "eval"
+
+
+@dataclass
+class AdapterConfig:
+    type: str = "lora"
+    rank: int = 16
+    alpha: Optional[float] = None
+    dropout: float = 0.0
+    dtype: str = "float32"
+
+
+@dataclass
+class RootConfig:
+    """Top-level keys of conf/train.yaml (the groups are validated on their own)."""
+
+    seed: int = 42
+    run_dir: str = "???"
+    resume: Optional[str] = None
+    outputs_root: str = "???"
+    save_every_n_steps: Optional[int] = None
+    save_every_n_epochs: Optional[int] = None
+    save_dtype: Optional[str] = None
+    checkpoint_every_n_steps: Optional[int] = None
+    eval_datasets: list[EvalDatasetConfig] = field(default_factory=list)
+    eval_every_n_steps: Optional[int] = None
+    eval_every_n_epochs: Optional[int] = None
+    eval_before_first_step: bool = True
+
+
+GROUPS = ("model", "dataset", "adapter", "optimizer", "scheduler", "trainer", "logger", "experiment")
+DTYPES = ("float32", "float16", "bfloat16")
+FP8_DTYPES = ("float8", "float8_e4m3fn", "float8_e5m2")

@@ -1,0 +1,118 @@
+"""Validate a composed config before anything heavy loads: unknown keys (with a suggestion), wrong types,
+impossible combinations and missing paths each become one `ConfigError` naming the key and the fix."""
+import difflib
+import inspect
+from dataclasses import fields
+from pathlib import Path
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from .schema import (DTYPES, FP8_DTYPES, GROUPS, MODEL_SCHEMAS, AdapterConfig, DatasetConfig, EvalDatasetConfig,
+                     RootConfig)
+
+
+class ConfigError(ValueError):
+    """A config mistake the user can fix; the message names the key and the fix."""
+
+
+def validate(cfg: DictConfig) -> None:
+    root = {k: v for k, v in cfg.items() if k not in GROUPS and k != "hydra"}
+    _check_schema(RootConfig, OmegaConf.create(root), "")
+    _check_model(cfg.model, cfg.adapter)
+    _check_schema(DatasetConfig, cfg.dataset, "dataset")
+    _check_dataset_paths(cfg.dataset, "dataset")
+    for i, eval_set in enumerate(cfg.eval_datasets):
+        _check_schema(EvalDatasetConfig, eval_set, f"eval_datasets[{i}]")
+        _check_path(eval_set.path, f"eval_datasets[{i}].path", "a folder of held-out images with captions")
+    _check_schema(AdapterConfig, cfg.adapter, "adapter")
+    _check_choice(cfg.adapter.type, ("lora", "none"), "adapter.type", "adapter=lora or adapter=none")
+    for group in ("optimizer", "scheduler"):
+        _check_callable_kwargs(cfg[group], group)
+    if cfg.save_every_n_steps is None and cfg.save_every_n_epochs is None:
+        raise ConfigError("Nothing would be exported: set save_every_n_steps or save_every_n_epochs.")
+
+
+def _check_schema(schema: type, node: DictConfig, where: str) -> None:
+    known = [f.name for f in fields(schema)]
+    for key in node.keys():
+        if key not in known:
+            raise ConfigError(_unknown_key_message(key, known, where))
+    try:
+        OmegaConf.merge(OmegaConf.structured(schema), node)
+    except ValidationError as e:
+        raise ConfigError(f"{_join(where, e.key or '')}: {e.msg}") from None
+
+
+def _unknown_key_message(key: str, known: list[str], where: str) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" Did you mean '{_join(where, close[0])}'?" if close else ""
+    return (f"Unknown config key '{_join(where, key)}'.{hint} "
+            f"Valid keys{' of ' + where if where else ''}: {', '.join(k for k in known if k != '_target_')}.")
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _check_model(model: DictConfig, adapter: DictConfig) -> None:
+    target = model.get("_target_")
+    schema = MODEL_SCHEMAS.get(target)
+    if schema is None:
+        raise ConfigError(f"model._target_ '{target}' is not a known family. Known: {', '.join(MODEL_SCHEMAS)}.")
+    _check_schema(schema, model, "model")
+    _check_choice(model.dtype, DTYPES, "model.dtype", "a compute dtype")
+    _check_choice(model.timestep_sample_method, ("logit_normal", "uniform"), "model.timestep_sample_method", "")
+    if not 0.0 <= model.min_t < model.max_t <= 1.0:
+        raise ConfigError(f"model.min_t={model.min_t} and model.max_t={model.max_t} must satisfy 0 <= min_t < max_t <= 1.")
+    if model.transformer_dtype is not None:
+        _check_choice(model.transformer_dtype, FP8_DTYPES, "model.transformer_dtype", "fp8 storage for LoRA training")
+        if adapter.type != "lora":
+            raise ConfigError("model.transformer_dtype (fp8 storage) only works with a LoRA: a full fine-tune must "
+                              "update every weight in full precision. Use adapter=lora or unset model.transformer_dtype.")
+    if not model.tiny:
+        _check_model_paths(model)
+
+
+def _check_model_paths(model: DictConfig) -> None:
+    if "diffusers_path" in model:
+        if model.diffusers_path is None:
+            raise ConfigError("model.diffusers_path is not set. Point it at the model's Diffusers folder "
+                              "(model.diffusers_path=/models/FLUX.1-dev), or use model.tiny=true for a tiny test model.")
+        _check_path(model.diffusers_path, "model.diffusers_path", "the model's Diffusers folder")
+    if model.get("transformer_path"):
+        _check_path(model.transformer_path, "model.transformer_path", "a single-file transformer checkpoint")
+
+
+def _check_dataset_paths(dataset: DictConfig, where: str) -> None:
+    if dataset.path is None and not dataset.directories:
+        raise ConfigError(f"{where}.path is not set. Point it at a folder of images with captions "
+                          f"({where}.path=/data/mine) or list folders in {where}.directories.")
+    if dataset.path is not None:
+        _check_path(dataset.path, f"{where}.path", "a folder of images with captions")
+    for i, directory in enumerate(dataset.directories):
+        _check_path(directory.path, f"{where}.directories[{i}].path", "a folder of images with captions")
+
+
+def _check_path(path: str, key: str, what: str) -> None:
+    if not Path(path).exists():
+        raise ConfigError(f"{key}={path} does not exist. It should be {what}.")
+
+
+def _check_choice(value, choices, key: str, what: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value} is not valid{' (' + what + ')' if what else ''}. "
+                          f"Choose one of: {', '.join(map(str, choices))}.")
+
+
+def _check_callable_kwargs(node: DictConfig, group: str) -> None:
+    """Optimizer and scheduler keys are the keyword arguments of their `_target_`."""
+    target = get_object(node._target_)
+    params = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = [name for name in params if name not in ("params", "optimizer")]
+    for key in node.keys():
+        if not key.startswith("_") and key not in known:
+            raise ConfigError(_unknown_key_message(key, known, group))

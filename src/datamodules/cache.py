@@ -1,0 +1,73 @@
+"""On-disk cache of latents and text embeddings, one safetensors file per item.
+
+A latent's key hashes the media file's bytes, the crop size and the VAE's fingerprint; a text embedding's key
+hashes the caption and the text encoders' fingerprint. So a change of family, encoder, resolution or file
+content misses exactly the affected items, and an unchanged item is never encoded twice. Files are written
+atomically; a truncated file fails the size check and is re-encoded, never trained on."""
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from src.utils.atomic import save_safetensors
+
+
+def fingerprint_files(*paths: Path, extra: str = "") -> str:
+    """Identifies encoders by their files on disk without loading them: every file's name, size and first MiB."""
+    h = hashlib.sha256(extra.encode())
+    for path in map(Path, paths):
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            h.update(f"{file.name}:{file.stat().st_size}".encode())
+            with open(file, "rb") as f:
+                h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_complete_safetensors(path: Path) -> bool:
+    """True if the header parses and the file holds every byte the header announces."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError, struct.error):
+        return False
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    return size == 8 + header_len + end
+
+
+class EmbeddingCache:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def latent_path(self, content_digest: str, size: tuple[int, int], encoder_fingerprint: str) -> Path:
+        key = hashlib.sha256(f"{content_digest}:{size[0]}x{size[1]}:{encoder_fingerprint}".encode()).hexdigest()
+        return self.root / "latents" / key[:2] / f"{key}.safetensors"
+
+    def text_path(self, caption: str, encoder_fingerprint: str) -> Path:
+        key = hashlib.sha256(f"{caption}\0{encoder_fingerprint}".encode()).hexdigest()
+        return self.root / "text" / key[:2] / f"{key}.safetensors"
+
+    @staticmethod
+    def has(path: Path) -> bool:
+        return is_complete_safetensors(path)
+
+    @staticmethod
+    def write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        save_safetensors({k: v.detach().cpu() for k, v in tensors.items()}, path)
+
+    @staticmethod
+    def read(path: Path) -> dict[str, torch.Tensor]:
+        return load_file(path)

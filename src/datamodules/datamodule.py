@@ -1,0 +1,199 @@
+"""The bucketed, cached LightningDataModule shared by every family.
+
+setup() scans the media folders (reporting bad files once and skipping them), assigns every item to its
+aspect-ratio bucket at every resolution, makes sure each item has cached latents and text embeddings (loading
+the family's encoders only if something is missing, splitting the work across ranks), then frees the encoders.
+Batches come from one bucket each, in a reproducible shuffled order, sharded by rank, resumable mid-epoch."""
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .buckets import BucketBatchSampler, aspect_ratio_buckets, assign_buckets
+from .cache import EmbeddingCache, file_digest
+from .media import MediaItem, SkippedFile, load_image, scan_directory
+
+log = logging.getLogger(__name__)
+
+DIRECTORY_KEYS = ("resolutions", "enable_ar_bucket", "min_ar", "max_ar", "num_ar_buckets", "ar_buckets",
+                  "num_repeats", "caption_prefix")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training example: a media item cropped to one bucket size, with its cache files."""
+
+    item: MediaItem
+    size: tuple[int, int]
+    latent_path: Path
+    text_path: Path
+
+
+class CachedDataset(Dataset):
+    def __init__(self, samples: list[Sample]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        return {"latents": EmbeddingCache.read(sample.latent_path)["latents"],
+                "text": EmbeddingCache.read(sample.text_path)}
+
+
+class MediaToEncode(Dataset):
+    """Decodes and crops media for caching, in worker processes."""
+
+    def __init__(self, samples: list[Sample]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+        sample = self.samples[index]
+        return index, load_image(sample.item.path, sample.size)
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"latents": torch.stack([b["latents"] for b in batch]),
+            "text": {k: torch.stack([b["text"][k] for b in batch]) for k in batch[0]["text"]}}
+
+
+class ResumableDataLoader(DataLoader):
+    """Saves the data position as the trainer's count of batches done this epoch (exact even when workers
+    prefetch), so a resumed run sees exactly the batches an uninterrupted run would."""
+
+    trainer = None
+
+    def state_dict(self) -> dict[str, int]:
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
+        return {"epoch": self.trainer.current_epoch if self.trainer else 0, "batches_yielded": done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.load_state_dict(state)
+
+
+class DiffusionDataModule(LightningDataModule):
+    def __init__(self, path: Optional[str] = None, directories: list[dict] = (), resolutions: list = (512,),
+                 enable_ar_bucket: bool = True, min_ar: float = 0.5, max_ar: float = 2.0, num_ar_buckets: int = 7,
+                 ar_buckets: Optional[list] = None, num_repeats: int = 1, caption_prefix: str = "",
+                 batch_size: int = 1, num_workers: int = 0, cache_dir: Optional[str] = None,
+                 cache_workers: int = 1, eval_datasets: list[dict] = (), seed: int = 42):
+        super().__init__()
+        defaults = dict(resolutions=resolutions, enable_ar_bucket=enable_ar_bucket, min_ar=min_ar, max_ar=max_ar,
+                        num_ar_buckets=num_ar_buckets, ar_buckets=ar_buckets, num_repeats=num_repeats,
+                        caption_prefix=caption_prefix)
+        self.directories = [_with_defaults({"path": path}, defaults)] if path else []
+        self.directories += [_with_defaults(d, defaults) for d in directories]
+        self.eval_directories = {d["name"]: _with_defaults(d, defaults) for d in eval_datasets}
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        first = Path((self.directories or list(self.eval_directories.values()))[0]["path"])
+        self.cache_root = Path(cache_dir) if cache_dir else first / ".difftrain_cache"
+        self.cache_workers = cache_workers
+        self.seed = seed
+        self.skipped: list[SkippedFile] = []
+        self.encoded_count = 0
+        self.train_set: Optional[CachedDataset] = None
+        self.eval_sets: dict[str, CachedDataset] = {}
+
+    @property
+    def eval_names(self) -> tuple[str, ...]:
+        return tuple(self.eval_directories)
+
+    def setup(self, stage: str) -> None:
+        if self.train_set is not None:
+            return
+        module = self.trainer.lightning_module
+        cache = EmbeddingCache(self.cache_root / module.cache_name)
+        latent_fp, text_fp = module.cache_fingerprints()
+        plan = lambda dirs, repeat: self._plan(dirs, cache, latent_fp, text_fp, module.pixels_round_to_multiple,  # noqa: E731
+                                               repeat)
+        train = plan(self.directories, True)
+        evals = {name: plan([d], False) for name, d in self.eval_directories.items()}
+        if not train:
+            raise RuntimeError("The dataset is empty: no usable image with a caption in "
+                               + ", ".join(str(d["path"]) for d in self.directories)
+                               + (f" ({len(self.skipped)} files skipped, see above)." if self.skipped else "."))
+        self._fill_cache([s for samples in (train, *evals.values()) for s in samples], module)
+        self.train_set = CachedDataset(train)
+        self.eval_sets = {name: CachedDataset(samples) for name, samples in evals.items()}
+
+    def _plan(self, directories: list[dict], cache: EmbeddingCache, latent_fp: str, text_fp: str, multiple: int,
+              repeat: bool) -> list[Sample]:
+        samples = []
+        for directory in directories:
+            scan = scan_directory(directory["path"], directory["caption_prefix"])
+            for skipped in scan.skipped:
+                log.warning("Skipping %s: %s", skipped.path, skipped.reason)
+            self.skipped += scan.skipped
+            ars = aspect_ratio_buckets(directory["enable_ar_bucket"], directory["min_ar"], directory["max_ar"],
+                                       directory["num_ar_buckets"], directory["ar_buckets"])
+            for item in scan.items:
+                digest = file_digest(item.path)
+                text_path = cache.text_path(item.caption, text_fp)
+                for size in assign_buckets(item.width, item.height, directory["resolutions"], ars, multiple):
+                    sample = Sample(item, size, cache.latent_path(digest, size, latent_fp), text_path)
+                    samples += [sample] * (directory["num_repeats"] if repeat else 1)
+        return samples
+
+    def _fill_cache(self, samples: list[Sample], module) -> None:
+        """Encodes what the cache lacks. Rank r encodes every world_size-th missing item; all ranks then wait."""
+        strategy = self.trainer.strategy
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        missing_latents = _unique(s for s in samples if not EmbeddingCache.has(s.latent_path))
+        missing_text = _unique_by_text(s for s in samples if not EmbeddingCache.has(s.text_path))
+        mine_latents, mine_text = missing_latents[rank::world], missing_text[rank::world]
+        if mine_latents or mine_text:
+            encoders = module.load_cache_encoders().to(strategy.root_device)
+            self._encode_latents(mine_latents, encoders)
+            self._encode_captions(mine_text, encoders)
+            del encoders
+        self.encoded_count = len(mine_latents)
+        strategy.barrier("cache")
+
+    def _encode_latents(self, samples: list[Sample], encoders) -> None:
+        loader = DataLoader(MediaToEncode(samples), batch_size=None, num_workers=self.cache_workers)
+        for index, pixels in tqdm(loader, total=len(samples), desc="Caching latents", unit="img"):
+            latents = encoders.encode_images(pixels.unsqueeze(0))[0]
+            EmbeddingCache.write(samples[index].latent_path, {"latents": latents})
+
+    def _encode_captions(self, samples: list[Sample], encoders, batch_size: int = 16) -> None:
+        for start in tqdm(range(0, len(samples), batch_size), desc="Caching text", unit="batch"):
+            chunk = samples[start:start + batch_size]
+            for sample, tensors in zip(chunk, encoders.encode_captions([s.item.caption for s in chunk])):
+                EmbeddingCache.write(sample.text_path, tensors)
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        sampler = BucketBatchSampler([s.size for s in self.train_set.samples], self.batch_size, self.seed,
+                                     rank=self.trainer.global_rank, world_size=self.trainer.world_size)
+        loader = ResumableDataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate,
+                                     num_workers=self.num_workers)
+        loader.trainer = self.trainer
+        return loader
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [DataLoader(dataset, batch_sampler=BucketBatchSampler(
+                    [s.size for s in dataset.samples], self.batch_size, self.seed, rank=self.trainer.global_rank,
+                    world_size=self.trainer.world_size, shuffle=False), collate_fn=collate)
+                for dataset in self.eval_sets.values()]
+
+
+def _with_defaults(directory: dict, defaults: dict) -> dict:
+    merged = {**defaults, **{k: v for k, v in directory.items() if v is not None}}
+    return {k: merged[k] for k in ("path", "name", *DIRECTORY_KEYS) if k in merged}
+
+
+def _unique(samples) -> list[Sample]:
+    return list({s.latent_path: s for s in samples}.values())
+
+
+def _unique_by_text(samples) -> list[Sample]:
+    return list({s.text_path: s for s in samples}.values())

@@ -1,0 +1,129 @@
+"""Flux.1 (dev, schnell, de-distilled, Flex): diffusers' FluxTransformer2DModel on packed 2x2 latent patches,
+conditioned on T5 token embeddings and a pooled CLIP vector. LoRAs export in diffusers format, full fine-tunes
+as a BFL single file plus a diffusers transformer folder."""
+from pathlib import Path
+from typing import Optional
+
+import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel
+
+from src.datamodules.cache import fingerprint_files
+from src.formats.flux import load_bfl_transformer, save_bfl_transformer
+from src.tiny import tiny_model_dir
+
+from .base import DiffusionModule
+
+
+class FluxEncoders:
+    """VAE + CLIP + T5 from the diffusers folder, used once to fill the cache."""
+
+    def __init__(self, pipe: FluxPipeline, max_sequence_length: int):
+        self.pipe = pipe
+        self.max_sequence_length = max_sequence_length
+
+    def to(self, device: torch.device) -> "FluxEncoders":
+        self.pipe.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_captions(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
+        prompt_embeds, pooled, _ = self.pipe.encode_prompt(
+            captions, prompt_2=None, device=self.pipe.text_encoder.device, max_sequence_length=self.max_sequence_length)
+        return [{"prompt_embeds": e, "pooled_prompt_embeds": p} for e, p in zip(prompt_embeds, pooled)]
+
+
+class GuidanceBypass(torch.nn.Module):
+    """Runs a guidance-distilled time/text embedding without its guidance branch (FLEX.1-alpha training)."""
+
+    def __init__(self, embedding: torch.nn.Module):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, timestep: torch.Tensor, pooled_projection: torch.Tensor) -> torch.Tensor:
+        e = self.embedding
+        timesteps_emb = e.timestep_embedder(e.time_proj(timestep).to(pooled_projection.dtype))
+        return timesteps_emb + e.text_embedder(pooled_projection)
+
+
+class FluxModule(DiffusionModule):
+    cache_name = "flux"
+    lora_target_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+    keep_in_high_precision = (r"^time_text_embed", r"^context_embedder$", r"^x_embedder$", r"^proj_out$",
+                              r"^norm_out", r"norm")
+    pixels_round_to_multiple = 16  # VAE factor 8 x 2x2 patches
+
+    def __init__(self, diffusers_path: Optional[str] = None, transformer_path: Optional[str] = None,
+                 guidance: float = 1.0, bypass_guidance_embedding: bool = False, max_sequence_length: int = 512,
+                 **common):
+        super().__init__(**common)
+        self.diffusers_path = diffusers_path
+        self.transformer_path = transformer_path
+        self.guidance = guidance
+        self.bypass_guidance_embedding = bypass_guidance_embedding
+        self.max_sequence_length = max_sequence_length
+
+    @property
+    def model_dir(self) -> Path:
+        return tiny_model_dir("flux") if self.tiny else Path(self.diffusers_path)
+
+    # --- caching
+    def cache_fingerprints(self) -> tuple[str, str]:
+        root = self.model_dir
+        text = fingerprint_files(root / "text_encoder", root / "text_encoder_2", root / "tokenizer",
+                                 root / "tokenizer_2", extra=f"flux:{self.max_sequence_length}")
+        return fingerprint_files(root / "vae", extra="flux"), text
+
+    def load_cache_encoders(self) -> FluxEncoders:
+        pipe = FluxPipeline.from_pretrained(self.model_dir, transformer=None, torch_dtype=self.compute_dtype,
+                                            local_files_only=True)
+        return FluxEncoders(pipe, self.max_sequence_length)
+
+    # --- training
+    def load_denoiser(self) -> FluxTransformer2DModel:
+        if self.transformer_path:
+            model = load_bfl_transformer(self.transformer_path, self.model_dir, self.compute_dtype)
+        else:
+            model = FluxTransformer2DModel.from_pretrained(self.model_dir, subfolder="transformer",
+                                                           torch_dtype=self.compute_dtype, local_files_only=True)
+        if self.bypass_guidance_embedding and model.config.guidance_embeds:
+            model.time_text_embed = GuidanceBypass(model.time_text_embed)
+        return model
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.denoiser.config.guidance_embeds and not self.bypass_guidance_embedding
+
+    def predict(self, noisy_latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        b, c, h, w = noisy_latents.shape
+        packed = FluxPipeline._pack_latents(noisy_latents, b, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, packed.device, packed.dtype)
+        prompt_embeds = text["prompt_embeds"]
+        txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=packed.device, dtype=packed.dtype)
+        guidance = torch.full((b,), self.guidance, device=packed.device, dtype=packed.dtype) if self.uses_guidance else None
+        out = self.denoiser(hidden_states=packed, timestep=t, guidance=guidance,
+                            pooled_projections=text["pooled_prompt_embeds"], encoder_hidden_states=prompt_embeds,
+                            txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        return unpack_latents(out, c, h, w)
+
+    # --- export
+    def export_lora(self, lora_state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+        FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=lora_state_dict, safe_serialization=True)
+
+    def export_full(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+        save_bfl_transformer(state_dict, out_dir / "flux1-transformer-bfl.safetensors")
+        transformer = FluxTransformer2DModel.from_config(self.denoiser.config)
+        transformer.load_state_dict(state_dict)
+        transformer.save_pretrained(out_dir / "transformer", safe_serialization=True)
+
+
+def unpack_latents(packed: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of FluxPipeline._pack_latents for latents of a known size."""
+    b = packed.shape[0]
+    x = packed.view(b, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels, height, width)

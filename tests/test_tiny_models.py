@@ -1,0 +1,133 @@
+import os
+import threading
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+import src.tiny as tiny
+from src.tiny import flux
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("flux")
+    flux.build(out_dir)
+    return out_dir
+
+
+@pytest.fixture
+def cache_root(tmp_path, monkeypatch):
+    monkeypatch.setenv(tiny.CACHE_ENV, str(tmp_path))
+    return tmp_path
+
+
+def count_builds(monkeypatch, build=None) -> list:
+    """Wrap the flux builder (the real one unless `build` is given) so each call is recorded."""
+    calls = []
+    inner = build or tiny.BUILDERS["flux"]
+
+    def counting_build(out_dir):
+        calls.append(out_dir)
+        inner(out_dir)
+
+    monkeypatch.setitem(tiny.BUILDERS, "flux", counting_build)
+    return calls
+
+
+def relative_files(root):
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+
+
+def test_flux_build_is_byte_identical(flux_dir, tmp_path):
+    flux.build(tmp_path)
+    files = relative_files(flux_dir)
+    assert files == relative_files(tmp_path)
+    assert {f.name for f in files if f.suffix == ".safetensors"} >= {
+        flux.BFL_TRANSFORMER_FILE, "diffusion_pytorch_model.safetensors", "model.safetensors"}
+    for f in files:
+        assert (flux_dir / f).read_bytes() == (tmp_path / f).read_bytes(), f
+
+
+def test_flux_folder_loads_and_generates(flux_dir):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(flux_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae_scale_factor == 8
+    images = pipe(prompt="a cat", height=64, width=64, num_inference_steps=2, max_sequence_length=32,
+                  output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 64, 64, 3)
+    assert np.isfinite(images).all()
+
+
+def test_tiny_model_dir_builds_once(cache_root, monkeypatch):
+    calls = count_builds(monkeypatch)
+    first = tiny.tiny_model_dir("flux")
+    mtime = first.stat().st_mtime_ns
+    second = tiny.tiny_model_dir("flux")
+    assert first == second == cache_root / f"flux-v{tiny.FACTORY_VERSION}"
+    assert len(calls) == 1
+    assert second.stat().st_mtime_ns == mtime
+    assert (first / "model_index.json").is_file()
+
+
+def test_crashed_builds_leave_nothing_behind(cache_root, monkeypatch):
+    target = cache_root / f"flux-v{tiny.FACTORY_VERSION}"
+    stale = cache_root / f"{target.name}.tmp-999999"  # from a build killed before its rename
+    stale.mkdir()
+    (stale / "model_index.json").write_text("{")
+
+    def crashing_build(out_dir):
+        (out_dir / "partial").write_text("x")
+        raise RuntimeError("crash")
+
+    real_build = tiny.BUILDERS["flux"]
+    monkeypatch.setitem(tiny.BUILDERS, "flux", crashing_build)
+    with pytest.raises(RuntimeError):
+        tiny.tiny_model_dir("flux")
+    assert not target.exists()
+    assert not list(cache_root.glob("*.tmp-*"))
+
+    monkeypatch.setitem(tiny.BUILDERS, "flux", real_build)
+    stale.mkdir()
+    assert tiny.tiny_model_dir("flux") == target
+    assert (target / flux.BFL_TRANSFORMER_FILE).is_file()
+    assert not list(cache_root.glob("*.tmp-*"))
+
+
+def test_concurrent_callers_build_once(cache_root, monkeypatch):
+    def slow_build(out_dir):
+        time.sleep(0.2)
+        (out_dir / "done").write_text("ok")
+
+    calls = count_builds(monkeypatch, slow_build)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(tiny.tiny_model_dir("flux"))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1
+    assert len(set(results)) == 1 and len(results) == 3
+    assert (results[0] / "done").read_text() == "ok"
+
+
+def test_unknown_family_lists_known_ones():
+    with pytest.raises(ValueError, match="flux"):
+        tiny.tiny_model_dir("not-a-family")
+
+
+def test_flux_bfl_file_holds_the_folder_transformer(flux_dir):
+    from diffusers import FluxTransformer2DModel
+
+    from src.formats.flux import load_bfl_transformer
+
+    folder_model = FluxTransformer2DModel.from_pretrained(flux_dir, subfolder="transformer", local_files_only=True)
+    bfl_model = load_bfl_transformer(str(flux_dir / flux.BFL_TRANSFORMER_FILE), flux_dir, torch.float32)
+    expected = folder_model.state_dict()
+    for key, tensor in bfl_model.state_dict().items():
+        assert torch.equal(tensor, expected[key]), key
