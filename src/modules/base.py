@@ -67,7 +67,8 @@ class DiffusionModule(LightningModule, ABC):
     def load_cache_encoders(self) -> CacheEncoders: ...
 
     @abstractmethod
-    def load_denoiser(self) -> torch.nn.Module: ...
+    def load_denoiser(self) -> torch.nn.Module:
+        """The denoiser in the compute dtype."""
 
     @abstractmethod
     def predict(self, noisy_latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -96,7 +97,8 @@ class DiffusionModule(LightningModule, ABC):
     def configure_model(self) -> None:
         if self.denoiser is not None:
             return
-        denoiser = self.load_denoiser().to(self.compute_dtype)
+        denoiser = self.load_denoiser()
+        denoiser.train()
         denoiser.requires_grad_(not self.is_lora)
         if self.is_lora:
             self._add_lora(denoiser)
@@ -142,6 +144,7 @@ class DiffusionModule(LightningModule, ABC):
         if not torch.isfinite(loss):
             raise FloatingPointError(f"Non-finite training loss {loss.item()} at step {self.global_step}.")
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train/epoch_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 

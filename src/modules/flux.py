@@ -80,7 +80,7 @@ class FluxModule(DiffusionModule):
         return fingerprint_files(root / "vae", extra="flux"), text
 
     def load_cache_encoders(self) -> FluxEncoders:
-        pipe = FluxPipeline.from_pretrained(self.model_dir, transformer=None, torch_dtype=self.compute_dtype,
+        pipe = FluxPipeline.from_pretrained(self.model_dir, transformer=None, dtype=self.compute_dtype,
                                             local_files_only=True)
         return FluxEncoders(pipe, self.max_sequence_length)
 
@@ -90,7 +90,7 @@ class FluxModule(DiffusionModule):
             model = load_bfl_transformer(self.transformer_path, self.model_dir, self.compute_dtype)
         else:
             model = FluxTransformer2DModel.from_pretrained(self.model_dir, subfolder="transformer",
-                                                           torch_dtype=self.compute_dtype, local_files_only=True)
+                                                           dtype=self.compute_dtype, local_files_only=True)
         if self.bypass_guidance_embedding and model.config.guidance_embeds:
             model.time_text_embed = GuidanceBypass(model.time_text_embed)
         return model

@@ -1,0 +1,78 @@
+"""One training run from a composed config: validate, seed, instantiate, (eval,) fit, report."""
+import logging
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from src.config.validate import validate
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> Path:
+    """Returns the folder of the final export."""
+    validate(cfg)
+    import lightning as L  # heavy imports only after the config is known to be good
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from src.callbacks.export import ExportCallback
+    from src.utils.checkpoint_io import AtomicCheckpointIO
+
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.run_dir)
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(resolved)
+
+    datamodule = instantiate(cfg.dataset, eval_datasets=cfg.eval_datasets, seed=cfg.seed, _convert_="all")
+    module = instantiate(cfg.model, adapter=cfg.adapter, optimizer=cfg.optimizer, scheduler=cfg.scheduler,
+                         eval_names=datamodule.eval_names, _recursive_=False)
+    exporter = ExportCallback(str(run_dir), resolved, cfg.save_every_n_steps, cfg.save_every_n_epochs, cfg.save_dtype)
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps,
+                                  save_last=True, save_top_k=1)
+    callbacks = [exporter, checkpoints]
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
+                          **_eval_schedule(cfg))
+
+    ckpt_path = resolve_resume(cfg.resume, Path(cfg.outputs_root), run_dir)
+    if cfg.eval_datasets and cfg.eval_before_first_step and ckpt_path is None:
+        trainer.validate(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if datamodule.skipped:
+        log.warning("%d file(s) were skipped (reasons logged above).", len(datamodule.skipped))
+    final = run_dir / "exports" / "final"
+    log.info("Final export: %s", final)
+    return final
+
+
+def _eval_schedule(cfg: DictConfig) -> dict:
+    if not cfg.eval_datasets:
+        return {"limit_val_batches": 0}
+    if cfg.eval_every_n_steps:
+        return {"val_check_interval": cfg.eval_every_n_steps * cfg.trainer.accumulate_grad_batches,
+                "check_val_every_n_epoch": None}
+    return {"check_val_every_n_epoch": cfg.eval_every_n_epochs or 1}
+
+
+def resolve_resume(resume: Optional[str], outputs_root: Path, run_dir: Path) -> Optional[str]:
+    """null -> fresh; 'auto' -> the newest last.ckpt of an earlier run (fresh if none); else a file or run dir."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        candidates = [p for p in outputs_root.rglob("checkpoints/last.ckpt") if run_dir not in p.parents]
+        if not candidates:
+            log.info("resume=auto: no earlier checkpoint under %s, starting fresh.", outputs_root)
+            return None
+        newest = max(candidates, key=lambda p: p.stat().st_mtime)
+        log.info("resume=auto: continuing from %s", newest)
+        return str(newest)
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(f"resume={resume}: no checkpoint at {path}. Pass a .ckpt file, a run directory "
+                                f"containing checkpoints/last.ckpt, or resume=auto.")
+    return str(path)

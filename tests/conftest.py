@@ -1,0 +1,38 @@
+"""Shared fixtures: configs composed exactly as train.py composes them, runs in temporary folders, and tiny
+models built once per session into a temporary cache (so CI always exercises the builders)."""
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import src.config  # noqa: F401  (resolvers)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_IMAGES = ROOT / "data" / "examples" / "images"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_model_cache(tmp_path_factory):
+    if "DIFFTRAIN_TINY_DIR" not in os.environ:
+        os.environ["DIFFTRAIN_TINY_DIR"] = str(tmp_path_factory.mktemp("tiny-models"))
+    return Path(os.environ["DIFFTRAIN_TINY_DIR"])
+
+
+def compose_config(run_dir: Path, *overrides: str) -> DictConfig:
+    """The config train.py would see for these overrides, writing into run_dir."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[f"run_dir={run_dir}", f"outputs_root={run_dir.parent}",
+                                           f"dataset.cache_dir={run_dir.parent / 'cache'}", "logger=none",
+                                           "trainer.enable_progress_bar=false",
+                                           "trainer.enable_model_summary=false", *overrides])
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    def make(*overrides: str, run_name: str = "run") -> DictConfig:
+        return compose_config(tmp_path / run_name, *overrides)
+    return make
