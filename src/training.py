@@ -1,7 +1,8 @@
 """One training run from a composed config: validate, seed, instantiate, (eval,) fit, report."""
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -10,8 +11,15 @@ from src.config.validate import validate
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig) -> Path:
-    """Returns the folder of the final export."""
+@dataclass
+class TrainingRun:
+    final_export: Path
+    module: Any
+    datamodule: Any
+    trainer: Any
+
+
+def run(cfg: DictConfig) -> TrainingRun:
     validate(cfg)
     import lightning as L  # heavy imports only after the config is known to be good
     from hydra.utils import instantiate
@@ -28,11 +36,11 @@ def run(cfg: DictConfig) -> Path:
 
     datamodule = instantiate(cfg.dataset, eval_datasets=cfg.eval_datasets, seed=cfg.seed, _convert_="all")
     module = instantiate(cfg.model, adapter=cfg.adapter, optimizer=cfg.optimizer, scheduler=cfg.scheduler,
-                         eval_names=datamodule.eval_names, _recursive_=False)
+                         eval_names=datamodule.eval_names, seed=cfg.seed, _recursive_=False)
     exporter = ExportCallback(str(run_dir), resolved, cfg.save_every_n_steps, cfg.save_every_n_epochs, cfg.save_dtype)
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps,
                                   save_last=True, save_top_k=1)
-    callbacks = [exporter, checkpoints]
+    callbacks = [exporter, checkpoints, *(instantiate(c) for c in cfg.callbacks.values())]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
                           **_eval_schedule(cfg))
@@ -45,7 +53,7 @@ def run(cfg: DictConfig) -> Path:
         log.warning("%d file(s) were skipped (reasons logged above).", len(datamodule.skipped))
     final = run_dir / "exports" / "final"
     log.info("Final export: %s", final)
-    return final
+    return TrainingRun(final, module, datamodule, trainer)
 
 
 def _eval_schedule(cfg: DictConfig) -> dict:

@@ -98,6 +98,7 @@ class RootConfig:
     save_every_n_epochs: Optional[int] = None
     save_dtype: Optional[str] = None
     checkpoint_every_n_steps: Optional[int] = None
+    callbacks: dict[str, Any] = field(default_factory=dict)
     eval_datasets: list[EvalDatasetConfig] = field(default_factory=list)
     eval_every_n_steps: Optional[int] = None
     eval_every_n_epochs: Optional[int] = None

@@ -1,20 +1,24 @@
 """Validate a composed config before anything heavy loads: unknown keys (with a suggestion), wrong types,
 impossible combinations and missing paths each become one `ConfigError` naming the key and the fix."""
 import difflib
+import importlib
 import inspect
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from pathlib import Path
+from typing import Any, Union, get_args, get_origin
 
-from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ValidationError
 
-from .schema import (DTYPES, FP8_DTYPES, GROUPS, MODEL_SCHEMAS, AdapterConfig, DatasetConfig, EvalDatasetConfig,
-                     RootConfig)
+from .schema import DTYPES, FP8_DTYPES, GROUPS, MODEL_SCHEMAS, AdapterConfig, DatasetConfig, RootConfig
+
+# Arguments of optimizer / scheduler targets that the trainer passes itself, never the config.
+SUPPLIED_BY_TRAINER = {"optimizer": ("params",), "scheduler": ("optimizer", "total_steps")}
 
 
 class ConfigError(ValueError):
-    """A config mistake the user can fix; the message names the key and the fix."""
+    """A mistake in the config (or in the data it points at) that the user can fix; the message names the key and
+    the fix. train.py prints it alone, without a traceback."""
 
 
 def validate(cfg: DictConfig) -> None:
@@ -24,7 +28,6 @@ def validate(cfg: DictConfig) -> None:
     _check_schema(DatasetConfig, cfg.dataset, "dataset")
     _check_dataset_paths(cfg.dataset, "dataset")
     for i, eval_set in enumerate(cfg.eval_datasets):
-        _check_schema(EvalDatasetConfig, eval_set, f"eval_datasets[{i}]")
         _check_path(eval_set.path, f"eval_datasets[{i}].path", "a folder of held-out images with captions")
     _check_schema(AdapterConfig, cfg.adapter, "adapter")
     _check_choice(cfg.adapter.type, ("lora", "none"), "adapter.type", "adapter=lora or adapter=none")
@@ -35,14 +38,44 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _check_schema(schema: type, node: DictConfig, where: str) -> None:
-    known = [f.name for f in fields(schema)]
+    """Unknown keys first (also inside lists of entries such as dataset.directories), then the types."""
+    types = {f.name: f.type for f in fields(schema)}
     for key in node.keys():
-        if key not in known:
-            raise ConfigError(_unknown_key_message(key, known, where))
+        if key not in types:
+            raise ConfigError(_unknown_key_message(key, list(types), where))
+    for key, entry_schema in _entry_lists(types).items():
+        if OmegaConf.is_list(node.get(key)):
+            for i, entry in enumerate(node[key]):
+                if OmegaConf.is_dict(entry):
+                    _check_schema(entry_schema, entry, f"{_join(where, key)}[{i}]")
     try:
         OmegaConf.merge(OmegaConf.structured(schema), node)
     except ValidationError as e:
-        raise ConfigError(f"{_join(where, e.key or '')}: {e.msg}") from None
+        raise ConfigError(_wrong_type_message(e, node, types, where)) from None
+
+
+def _entry_lists(types: dict[str, Any]) -> dict[str, type]:
+    """The fields that hold a list of schema entries, e.g. {'directories': DirectoryConfig}."""
+    entries = {}
+    for key, annotation in types.items():
+        args = get_args(annotation)
+        if get_origin(annotation) is list and args and is_dataclass(args[0]):
+            entries[key] = args[0]
+    return entries
+
+
+def _wrong_type_message(error: ValidationError, node: DictConfig, types: dict[str, Any], where: str) -> str:
+    if error.key not in types:
+        return f"{_join(where, error.key or '')}: {error.msg.splitlines()[0]}"
+    value = node.get(error.key)
+    return f"{_join(where, error.key)}={value!r} has the wrong type: expected {_type_name(types[error.key])}."
+
+
+def _type_name(annotation: Any) -> str:
+    """float, list[Any], 'float or null' for Optional[float]."""
+    if get_origin(annotation) is Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in get_args(annotation))
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
 
 
 def _unknown_key_message(key: str, known: list[str], where: str) -> str:
@@ -108,11 +141,20 @@ def _check_choice(value, choices, key: str, what: str) -> None:
 
 def _check_callable_kwargs(node: DictConfig, group: str) -> None:
     """Optimizer and scheduler keys are the keyword arguments of their `_target_`."""
-    target = get_object(node._target_)
+    target = _import_target(node._target_, f"{group}._target_")
     params = inspect.signature(target).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    known = [name for name in params if name not in ("params", "optimizer")]
+    known = [name for name in params if name not in SUPPLIED_BY_TRAINER[group]]
     for key in node.keys():
         if not key.startswith("_") and key not in known:
             raise ConfigError(_unknown_key_message(key, known, group))
+
+
+def _import_target(path: str, key: str) -> Any:
+    module_name, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"{key}={path} cannot be imported ({e}). Check the spelling, or install the package "
+                          f"that provides it.") from None

@@ -14,6 +14,8 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from src.config.validate import ConfigError
+
 from .buckets import BucketBatchSampler, aspect_ratio_buckets, assign_buckets
 from .cache import EmbeddingCache, file_digest
 from .media import MediaItem, SkippedFile, load_image, scan_directory
@@ -22,6 +24,10 @@ log = logging.getLogger(__name__)
 
 DIRECTORY_KEYS = ("resolutions", "enable_ar_bucket", "min_ar", "max_ar", "num_ar_buckets", "ar_buckets",
                   "num_repeats", "caption_prefix")
+
+
+class EmptyDatasetError(ConfigError):
+    """No usable item in the dataset's folders: the user points the config at the right folder or fixes the files."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,8 @@ class DiffusionDataModule(LightningDataModule):
         self.cache_workers = cache_workers
         self.seed = seed
         self.skipped: list[SkippedFile] = []
-        self.encoded_count = 0
+        self.encoded_latents = 0  # by this rank in the last setup(); 0 and 0: the encoders were not even loaded
+        self.encoded_captions = 0
         self.train_set: Optional[CachedDataset] = None
         self.eval_sets: dict[str, CachedDataset] = {}
 
@@ -119,12 +126,16 @@ class DiffusionDataModule(LightningDataModule):
         train = plan(self.directories, True)
         evals = {name: plan([d], False) for name, d in self.eval_directories.items()}
         if not train:
-            raise RuntimeError("The dataset is empty: no usable image with a caption in "
-                               + ", ".join(str(d["path"]) for d in self.directories)
-                               + (f" ({len(self.skipped)} files skipped, see above)." if self.skipped else "."))
+            raise EmptyDatasetError(self._empty_dataset_message())
         self._fill_cache([s for samples in (train, *evals.values()) for s in samples], module)
         self.train_set = CachedDataset(train)
         self.eval_sets = {name: CachedDataset(samples) for name, samples in evals.items()}
+
+    def _empty_dataset_message(self) -> str:
+        folders = ", ".join(str(d["path"]) for d in self.directories)
+        skipped = f" {len(self.skipped)} file(s) were skipped (reasons logged above)." if self.skipped else ""
+        return (f"The dataset is empty: no usable image with a caption in {folders}.{skipped} Each image needs a "
+                f"<name>.txt caption beside it; point dataset.path (or dataset.directories) at such a folder.")
 
     def _plan(self, directories: list[dict], cache: EmbeddingCache, latent_fp: str, text_fp: str, multiple: int,
               repeat: bool) -> list[Sample]:
@@ -156,7 +167,11 @@ class DiffusionDataModule(LightningDataModule):
             self._encode_latents(mine_latents, encoders)
             self._encode_captions(mine_text, encoders)
             del encoders
-        self.encoded_count = len(mine_latents)
+            log.info("Cache: encoded %d latent(s) and %d caption(s) into %s.", len(mine_latents), len(mine_text),
+                     self.cache_root)
+        else:
+            log.info("Cache: everything this process needs is cached in %s; encoders not loaded.", self.cache_root)
+        self.encoded_latents, self.encoded_captions = len(mine_latents), len(mine_text)
         strategy.barrier("cache")
 
     def _encode_latents(self, samples: list[Sample], encoders) -> None:

@@ -1,12 +1,14 @@
 """The shared training step. A family subclass supplies loading, encoders, its denoiser call and its export
 format (the family contract, see DESIGN.md); timestep sampling, loss, LoRA/fp8/full-fine-tune setup,
 optimizer groups, logging, eval loss and checkpoint trimming live here once."""
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
+from diffusers.hooks import apply_layerwise_casting
 from hydra.utils import instantiate
 from lightning import LightningModule
 from lightning.pytorch.utilities import grad_norm
@@ -44,7 +46,7 @@ class DiffusionModule(LightningModule, ABC):
                  shift: Optional[float] = None, flux_shift: bool = False, min_t: float = 0.0, max_t: float = 1.0,
                  activation_checkpointing: bool = False, adapter: Optional[DictConfig] = None,
                  optimizer: Optional[DictConfig] = None, scheduler: Optional[DictConfig] = None,
-                 eval_names: tuple[str, ...] = ()):
+                 eval_names: tuple[str, ...] = (), seed: int = 0):
         super().__init__()
         self.tiny = tiny
         self.compute_dtype = DTYPES[dtype]
@@ -55,6 +57,7 @@ class DiffusionModule(LightningModule, ABC):
         self.optimizer_cfg = optimizer
         self.scheduler_cfg = scheduler
         self.eval_names = tuple(eval_names)
+        self.seed = seed
         self.denoiser: Optional[torch.nn.Module] = None
         self.strict_loading = False  # checkpoints hold trainable weights only; the base comes from disk
 
@@ -103,8 +106,10 @@ class DiffusionModule(LightningModule, ABC):
         if self.is_lora:
             self._add_lora(denoiser)
         if self.storage_dtype is not None:
-            denoiser.enable_layerwise_casting(storage_dtype=self.storage_dtype, compute_dtype=self.compute_dtype,
-                                              skip_modules_pattern=(*self.keep_in_high_precision, "lora_"))
+            # The hook directly, not model.enable_layerwise_casting: that also skips every module whose name
+            # contains "norm" (all of Flux's modulation linears), where the family's own list should decide.
+            apply_layerwise_casting(denoiser, storage_dtype=self.storage_dtype, compute_dtype=self.compute_dtype,
+                                    skip_modules_pattern=(*self.keep_in_high_precision, "lora_"))
         if self.activation_checkpointing:
             denoiser.enable_gradient_checkpointing()
         self.denoiser = denoiser
@@ -121,7 +126,9 @@ class DiffusionModule(LightningModule, ABC):
         cfg = self.adapter_cfg
         config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, lora_dropout=cfg.dropout,
                             target_modules=self.lora_target_modules(denoiser), init_lora_weights=True)
-        denoiser.add_adapter(config)
+        with torch.random.fork_rng():  # LoRA init must not depend on what consumed the global RNG before
+            torch.manual_seed(self.seed)
+            denoiser.add_adapter(config)
         for name, param in denoiser.named_parameters():
             if "lora_" in name:
                 param.data = param.data.to(DTYPES[cfg.dtype])
@@ -139,14 +146,21 @@ class DiffusionModule(LightningModule, ABC):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         latents = batch["latents"]
-        t = self.timesteps.sample(latents.shape[0], self.image_seq_len(latents))
-        loss = self.forward_loss(batch, t, torch.randn_like(latents))
+        generator = self.step_generator(batch_idx)
+        t = self.timesteps.sample(latents.shape[0], self.image_seq_len(latents), generator)
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        loss = self.forward_loss(batch, t, noise)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"Non-finite training loss {loss.item()} at step {self.global_step}.")
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train/epoch_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         return loss
+
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """Noise and timesteps depend only on (seed, step, micro-batch, rank): a resumed run draws what an
+        uninterrupted one would, with no RNG state to restore."""
+        return torch.Generator().manual_seed(hash((self.seed, self.global_step, batch_idx, self.global_rank)) % 2**63)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Eval loss at fixed timestep quantiles with noise from a fixed generator: comparable across runs."""
@@ -173,8 +187,17 @@ class DiffusionModule(LightningModule, ABC):
             (no_decay if param.ndim <= 1 else decay).append(param)
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = instantiate(self.optimizer_cfg)([g for g in groups if g["params"]])
-        scheduler = instantiate(self.scheduler_cfg)(optimizer, total_steps=self.trainer.estimated_stepping_batches)
+        scheduler = instantiate(self.scheduler_cfg)(optimizer, total_steps=self.total_optimizer_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def total_optimizer_steps(self) -> int:
+        # Not trainer.estimated_stepping_batches: calling it here sets up the train loader before a resumed
+        # checkpoint is restored, and Lightning then never restores the data position.
+        trainer = self.trainer
+        if trainer.max_steps > 0:
+            return trainer.max_steps
+        batches = len(trainer.datamodule.train_dataloader())
+        return trainer.max_epochs * math.ceil(batches / trainer.accumulate_grad_batches)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

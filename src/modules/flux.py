@@ -55,7 +55,7 @@ class FluxModule(DiffusionModule):
     cache_name = "flux"
     lora_target_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     keep_in_high_precision = (r"^time_text_embed", r"^context_embedder$", r"^x_embedder$", r"^proj_out$",
-                              r"^norm_out", r"norm")
+                              r"^norm_out")
     pixels_round_to_multiple = 16  # VAE factor 8 x 2x2 patches
 
     def __init__(self, diffusers_path: Optional[str] = None, transformer_path: Optional[str] = None,

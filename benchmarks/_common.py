@@ -1,0 +1,78 @@
+"""Helpers shared by the benchmark scripts: the real Hydra config and module, timing, and table printing.
+
+The scripts run as `python benchmarks/<name>.py`, so this folder is on sys.path; the repository root is added
+here so `src` and `tests` import the same way they do under pytest."""
+import logging
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from tests.conftest import EXAMPLE_IMAGES, compose_config  # noqa: E402,F401  (the config train.py sees)
+
+
+def quiet() -> None:
+    """Keep the printed tables readable: no Lightning banners, no per-run library warnings."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "src", "diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def instantiate_module(cfg: DictConfig, target: Optional[str] = None):
+    """The DiffusionModule exactly as training.run builds it; `target` swaps the class (a benchmark subclass)."""
+    extra = {"_target_": target} if target else {}
+    return instantiate(cfg.model, adapter=cfg.adapter, optimizer=cfg.optimizer, scheduler=cfg.scheduler,
+                       eval_names=(), _recursive_=False, **extra)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_since(start: float) -> float:
+    return time.perf_counter() - start
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [list(map(str, header))] + [[_format(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    line = "-+-".join("-" * w for w in widths)
+    print(f"\n{title}")
+    for i, row in enumerate(cells):
+        print(" | ".join(cell.rjust(w) if i else cell.ljust(w) for cell, w in zip(row, widths)))
+        if i == 0:
+            print(line)
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def verdict(ratio: float, target: float, lower_is_better: bool = True) -> str:
+    ok = ratio <= target if lower_is_better else ratio >= target
+    return f"{'PASS' if ok else 'FAIL'} (target {'<=' if lower_is_better else '>='} {target})"

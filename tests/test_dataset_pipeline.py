@@ -1,0 +1,164 @@
+"""The dataset pipeline through real training runs: the incremental latent / text cache, bad media, empty
+datasets, and the dataset keys (num_repeats, caption_prefix, per-directory overrides, one bucket per batch)."""
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from src.datamodules.cache import EmbeddingCache, is_complete_safetensors
+from src.datamodules.datamodule import EmptyDatasetError
+from src.training import run
+from tests.conftest import EXAMPLE_IMAGES, ROOT
+
+FAST = ("dataset.resolutions=[64]", "trainer.max_steps=1", "checkpoint_every_n_steps=null")
+EXAMPLES = sorted(EXAMPLE_IMAGES.glob("*.jpg"))
+
+
+def copy_examples(folder: Path, images: list[Path]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for image in images:
+        shutil.copy(image, folder)
+        shutil.copy(image.with_suffix(".txt"), folder)
+    return folder
+
+
+def encoded(training_run) -> tuple[int, int]:
+    """(latents, captions) encoded by this run."""
+    return training_run.datamodule.encoded_latents, training_run.datamodule.encoded_captions
+
+
+@pytest.fixture
+def cache_log(caplog):
+    caplog.set_level(logging.INFO, logger="src.datamodules.datamodule")
+    return caplog
+
+
+def test_cache_next_to_the_dataset_reencodes_exactly_what_changed(make_config, tmp_path, cache_log):
+    data = copy_examples(tmp_path / "data", EXAMPLES[:3])
+
+    def train(name: str, *overrides: str):
+        return run(make_config(*FAST, f"dataset.path={data}", "dataset.cache_dir=null", *overrides, run_name=name))
+
+    assert encoded(train("first")) == (3, 3)
+    cache = data / ".difftrain_cache" / "flux"
+    assert len(list(cache.rglob("*.safetensors"))) == 6
+    assert not list(cache.rglob("*.tmp")), "a temporary file of an atomic write was left behind"
+
+    cache_log.clear()
+    assert encoded(train("unchanged")) == (0, 0)
+    assert "encoders not loaded" in cache_log.text
+
+    Image.new("RGB", (96, 64), "teal").save(data / "added.png")
+    (data / "added.txt").write_text("a teal rectangle")
+    assert encoded(train("image_added")) == (1, 1)
+
+    Image.new("RGB", (64, 96), "navy").save(data / EXAMPLES[0].name)
+    assert encoded(train("image_edited")) == (1, 0)
+
+    (data / EXAMPLES[1].with_suffix(".txt").name).write_text("a new caption")
+    assert encoded(train("caption_edited")) == (0, 1)
+
+    assert encoded(train("resolution_changed", "dataset.resolutions=[128]")) == (4, 0)
+    assert encoded(train("text_encoder_changed", "model.max_sequence_length=16")) == (0, 4)
+
+
+def test_truncated_cache_file_is_reencoded_not_trained_on(make_config, tmp_path):
+    data = copy_examples(tmp_path / "data", EXAMPLES[:2])
+    run(make_config(*FAST, f"dataset.path={data}", run_name="first"))
+    latent_file = next((tmp_path / "cache").rglob("latents/**/*.safetensors"))
+    latent_file.write_bytes(latent_file.read_bytes()[: latent_file.stat().st_size // 2])
+    assert not is_complete_safetensors(latent_file)
+
+    second = run(make_config(*FAST, f"dataset.path={data}", run_name="second"))
+    assert encoded(second) == (1, 0)
+    assert is_complete_safetensors(latent_file)
+    assert second.final_export.is_dir()
+
+
+def test_failed_cache_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "item.safetensors"
+    EmbeddingCache.write(path, {"latents": torch.ones(2)})
+    shared = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="share memory"):
+        EmbeddingCache.write(path, {"latents": shared, "view": shared[:2]})
+    assert torch.equal(EmbeddingCache.read(path)["latents"], torch.ones(2))
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def add_bad_media(folder: Path) -> list[Path]:
+    """A zero-byte image, a corrupt image, an image without caption and a caption without image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    bad = [folder / "zero_bytes.jpg", folder / "corrupt.png", folder / "uncaptioned.jpg", folder / "orphan.txt"]
+    bad[0].touch()
+    bad[1].write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    shutil.copy(EXAMPLES[0], bad[2])
+    bad[3].write_text("a caption whose image is missing")
+    for image in bad[:2]:
+        image.with_suffix(".txt").write_text("a caption")
+    return bad
+
+
+def test_bad_media_is_reported_once_each_and_training_goes_on(make_config, tmp_path, caplog):
+    data = copy_examples(tmp_path / "data", EXAMPLES[:2])
+    bad = add_bad_media(data)
+    result = run(make_config(*FAST, f"dataset.path={data}"))
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for path in bad:
+        assert sum(str(path) in message for message in warnings) == 1, path
+    assert "4 file(s) were skipped" in warnings[-1]
+    assert {s.item.path.name for s in result.datamodule.train_set.samples} == {p.name for p in EXAMPLES[:2]}
+    assert result.final_export.is_dir()
+
+
+@pytest.mark.parametrize("contents", ["empty folder", "only bad files"])
+def test_empty_dataset_is_one_error_naming_the_folder(make_config, tmp_path, contents):
+    data = tmp_path / "data"
+    data.mkdir()
+    if contents == "only bad files":
+        add_bad_media(data)
+    with pytest.raises(EmptyDatasetError, match=f"no usable image with a caption in {data}"):
+        run(make_config(*FAST, f"dataset.path={data}"))
+
+
+def test_train_py_on_an_empty_folder_prints_one_message_and_no_traceback(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    result = subprocess.run([sys.executable, "train.py", f"dataset.path={data}", f"hydra.run.dir={tmp_path / 'run'}",
+                             "logger=none"], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"Error: The dataset is empty: no usable image with "
+                                                             f"a caption in {data}.")
+
+
+def test_directories_repeats_prefixes_and_one_bucket_per_batch(make_config, tmp_path):
+    styled = copy_examples(tmp_path / "styled", EXAMPLES[:2])
+    large = copy_examples(tmp_path / "large", EXAMPLES[2:4])
+    directories = (f"dataset.directories=[{{path: '{styled}', num_repeats: 3, caption_prefix: 'style, '}},"
+                   f" {{path: '{large}', resolutions: [128]}}]")
+    result = run(make_config(*FAST, "dataset.path=null", "dataset.caption_prefix='plain, '", "dataset.batch_size=2",
+                             directories))
+    samples = result.datamodule.train_set.samples
+
+    appearances = Counter(s.item.path.parent.name for s in samples)
+    assert appearances == {"styled": 2 * 3, "large": 2}
+    for sample in samples:
+        prefix, area = ("style, ", 64 * 64) if sample.item.path.parent == styled else ("plain, ", 128 * 128)
+        assert sample.item.caption.startswith(prefix)
+        assert sample.item.caption.removeprefix(prefix) == sample.item.path.with_suffix(".txt").read_text().strip()
+        assert sample.size[0] * sample.size[1] == pytest.approx(area, rel=0.25)
+
+    loader = result.datamodule.train_dataloader()
+    batches = list(loader.batch_sampler)
+    assert set().union(*batches) == set(range(len(samples)))
+    for batch in batches:
+        assert len({samples[i].size for i in batch}) == 1, "a batch mixes buckets"
