@@ -170,7 +170,7 @@ class DiffusionDataModule(LightningDataModule):
             log.info("Cache: encoded %d latent(s) and %d caption(s) into %s.", len(mine_latents), len(mine_text),
                      self.cache_root)
         else:
-            log.info("Cache: everything this process needs is cached in %s; encoders not loaded.", self.cache_root)
+            log.info("Cache: nothing for this process to encode in %s; encoders not loaded.", self.cache_root)
         self.encoded_latents, self.encoded_captions = len(mine_latents), len(mine_text)
         strategy.barrier("cache")
 
