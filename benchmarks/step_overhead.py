@@ -1,17 +1,17 @@
 """Framework overhead of one optimizer step: our Lightning Trainer running DiffusionModule.training_step vs a bare
 PyTorch loop calling the same module's forward_loss, on the same small Flux, LoRA, AdamW and cached batch.
 
-Both sides share one module (same weights, same LoRA), so only the loop around forward_loss differs. Rounds
-alternate which side goes first, to spread the drift of a shared machine over both. See benchmarks/README.md."""
+Both sides share one module (same weights, same LoRA), so only the loop around forward_loss differs. They run
+in one fit, a bare step right after each Trainer step, so each pair sees the same load on a shared machine.
+See benchmarks/README.md."""
 import argparse
 import tempfile
 import time
-from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
+from typing import Optional
 
 from _common import (compose_config, default_device, instantiate_module, median, print_table, quiet,
-                     seconds_since, synchronize, verdict)
+                     synchronize, verdict)
 
 import torch
 from diffusers import FluxTransformer2DModel
@@ -34,9 +34,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
     p.add_argument("--dtype", default=None, help="model.dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--rounds", type=int, default=5, help="alternating rounds of (ours, bare)")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per side per round")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side per round")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per side")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per side")
     return p.parse_args()
 
 
@@ -87,58 +86,10 @@ def compose(args: argparse.Namespace, work_dir: Path, model_dir: Path, dtype: st
                           f"model.dtype={dtype}", *adapter)
 
 
-# --- ours: the real Trainer
-class StepClock(Callback):
-    """Wall time between consecutive on_train_batch_end calls: one full loop iteration each (data, transfer,
-    training_step, logging, backward, clipping, optimizer and scheduler step, hooks)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.ends: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        synchronize(self.device)
-        self.ends.append(time.perf_counter())
-
-    def intervals(self) -> list[float]:
-        return [b - a for a, b in zip(self.ends, self.ends[1:])]
-
-
-def bench_trainer(cfg, max_steps: int, callbacks=()):
-    """Our trainer config (precision, clipping, logging cadence) without loggers, checkpoints, bars or eval."""
-    return instantiate(cfg.trainer, max_steps=max_steps, callbacks=list(callbacks), logger=False,
-                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                       limit_val_batches=0)
-
-
-def time_ours(cfg, module, batch: dict, steps: int, warmup: int, device: torch.device) -> list[float]:
-    total = warmup + steps + 1  # n ends give n - 1 intervals
-    clock = StepClock(device)
-    trainer = bench_trainer(cfg, total, [clock])
-    trainer.fit(module, train_dataloaders=DataLoader(SameBatch(batch, total), batch_size=None))
-    return clock.intervals()[warmup:]
-
-
-# --- bare: the same math in a plain loop
-@contextmanager
-def attached_unfitted_trainer(module, cfg, total_steps: int):
-    """configure_optimizers reads the trainer's step budget; lend it a trainer that never fits."""
-    module.trainer = bench_trainer(cfg, total_steps)
-    try:
-        yield
-    finally:
-        module.trainer = None
-
-
-def bare_optimizer(module, cfg, total_steps: int):
-    """The AdamW and scheduler our configure_optimizers builds, for the bare loop to step itself."""
-    with attached_unfitted_trainer(module, cfg, total_steps):
-        config = module.configure_optimizers()
-    return config["optimizer"], config["lr_scheduler"]["scheduler"]
-
-
+# --- the bare step: training_step's math in a plain loop
 def bare_step(module, batch: dict, optimizer, scheduler, clip: float, device: torch.device) -> None:
-    """training_step's math (timestep and noise sampling, forward_loss) plus what Lightning does around it."""
+    """Timestep and noise sampling, forward_loss, backward, clipping, optimizer and scheduler step."""
+    optimizer.zero_grad(set_to_none=True)  # first: the Trainer's step leaves its gradients on the shared params
     on_device = batch_to(batch, device)
     latents = on_device["latents"]
     t = module.timesteps.sample(latents.shape[0], module.image_seq_len(latents))
@@ -148,47 +99,60 @@ def bare_step(module, batch: dict, optimizer, scheduler, clip: float, device: to
         torch.nn.utils.clip_grad_norm_(module.trainable_parameters(), clip)
     optimizer.step()
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
-def time_bare(module, batch: dict, optimizer, scheduler, clip: float, steps: int, warmup: int,
-              device: torch.device) -> list[float]:
-    module.to(device).train()
-    times = []
-    for _ in range(warmup + steps):
-        start = time.perf_counter()
-        bare_step(module, batch, optimizer, scheduler, clip, device)
-        synchronize(device)
-        times.append(seconds_since(start))
-    return times[warmup:]
+# --- the comparison: one fit, a bare step after each of the Trainer's steps
+class InterleavedClock(Callback):
+    """Runs one bare step after each Trainer step, so each (ours, bare) pair sees the same machine load.
+
+    ours: wall time from the end of the previous bare step to the end of this Trainer step, i.e. one full
+    Lightning loop iteration (fetch, transfer, training_step with its logging, backward, clipping, grad-norm
+    hook, optimizer and scheduler step, other hooks). bare: wall time of bare_step."""
+
+    def __init__(self, batch: dict, clip: float, device: torch.device):
+        self.batch, self.clip, self.device = batch, clip, device
+        self.ours: list[float] = []
+        self.bare: list[float] = []
+        self._resumed: Optional[float] = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        config = pl_module.configure_optimizers()  # a second AdamW + scheduler, exactly as the Trainer's
+        self.optimizer, self.scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        synchronize(self.device)
+        ended = time.perf_counter()
+        if self._resumed is not None:
+            self.ours.append(ended - self._resumed)
+        bare_step(pl_module, self.batch, self.optimizer, self.scheduler, self.clip, self.device)
+        synchronize(self.device)
+        self._resumed = time.perf_counter()
+        self.bare.append(self._resumed - ended)
+
+    def pairs(self, warmup: int) -> list[tuple[float, float]]:
+        """(ours, bare) with bare run right after ours; the first Trainer step has no ours time."""
+        return list(zip(self.ours, self.bare[1:]))[warmup:]
 
 
-# --- the comparison
-def alternate_rounds(cfg, module, batch: dict, args, device: torch.device) -> dict[str, list[list[float]]]:
-    """Per side, one list of step times per round."""
-    optimizer, scheduler = bare_optimizer(module, cfg, args.rounds * (args.warmup + args.steps))
-    clip = cfg.trainer.gradient_clip_val or 0.0
-    sides = {"ours": partial(time_ours, cfg, module, batch, args.steps, args.warmup, device),
-             "bare": partial(time_bare, module, batch, optimizer, scheduler, clip, args.steps, args.warmup, device)}
-    rounds = {name: [] for name in sides}
-    for r in range(args.rounds):
-        for name in (("ours", "bare") if r % 2 == 0 else ("bare", "ours")):
-            rounds[name].append(sides[name]())
-        print(f"round {r + 1}/{args.rounds}: " + "  ".join(
-            f"{name} {median(per_round[-1]):.4f} s/step" for name, per_round in rounds.items()), flush=True)
-    return rounds
+def time_pairs(cfg, module, batch: dict, steps: int, warmup: int, device: torch.device) -> list[tuple[float, float]]:
+    total = warmup + steps + 1
+    clock = InterleavedClock(batch, cfg.trainer.gradient_clip_val or 0.0, device)
+    trainer = instantiate(cfg.trainer, max_steps=total, callbacks=[clock], logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=DataLoader(SameBatch(batch, total), batch_size=None))
+    return clock.pairs(warmup)
 
 
-def report(args, module, device: torch.device, rounds: dict[str, list[list[float]]]) -> None:
-    ours, bare = (sum(rounds[name], []) for name in ("ours", "bare"))
-    paired = median([median(o) / median(b) for o, b in zip(rounds["ours"], rounds["bare"])])
+def report(args, module, device: torch.device, pairs: list[tuple[float, float]]) -> None:
+    ours, bare = [o for o, _ in pairs], [b for _, b in pairs]
     ratio = median(ours) / median(bare)
     print_table(_title(args, module, device), ["loop", "steps timed", "median s/step", "min s/step", "max s/step"],
                 [["ours (Lightning Trainer)", len(ours), median(ours), min(ours), max(ours)],
                  ["bare PyTorch", len(bare), median(bare), min(bare), max(bare)]])
-    print(f"\nratio ours/bare, median over all steps: {ratio:.3f}  {verdict(ratio, TARGET_RATIO)}")
-    print(f"ratio ours/bare, median of per-round ratios: {paired:.3f}   (robust to load drift between rounds)")
-    print(f"ratio ours/bare, fastest step: {min(ours) / min(bare):.3f}   (least disturbed by other processes)")
+    print(f"\nratio ours/bare, of the medians: {ratio:.3f}  {verdict(ratio, TARGET_RATIO)}")
+    print(f"ratio ours/bare, median of per-pair ratios: {median([o / b for o, b in pairs]):.3f}"
+          "   (each pair ran back to back: robust to load drift)")
+    print(f"ratio ours/bare, fastest steps: {min(ours) / min(bare):.3f}   (least disturbed by other processes)")
 
 
 def _title(args, module, device: torch.device) -> str:
@@ -213,8 +177,8 @@ def main() -> None:
         module = instantiate_module(cfg)
         module.configure_model()
         batch = cached_batch(args, transformer.config)
-        rounds = alternate_rounds(cfg, module, batch, args, device)
-    report(args, module, device, rounds)
+        pairs = time_pairs(cfg, module, batch, args.steps, args.warmup, device)
+    report(args, module, device, pairs)
 
 
 if __name__ == "__main__":

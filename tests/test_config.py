@@ -26,6 +26,8 @@ MISTAKES = {
                                   ["'dataset.directories[0].num_repeat'", "'dataset.directories[0].num_repeats'"]),
     "wrong type in a directory entry": ([f"dataset.directories=[{{path: '{EXAMPLE_IMAGES}', num_repeats: many}}]"],
                                         ["dataset.directories[0].num_repeats='many'", "expected int or null"]),
+    "directory entry without path": (["dataset.directories=[{num_repeats: 2}]"],
+                                     ["dataset.directories[0].path is required"]),
 }
 
 

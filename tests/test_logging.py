@@ -28,13 +28,14 @@ def test_tensorboard_and_csv_get_train_and_eval_scalars(make_config):
     assert {"train/loss", "train/lr", "heldout/loss"} <= set(columns)
 
 
-def test_eval_loss_is_reproducible_across_runs(make_config):
-    """Fixed timestep quantiles and a fixed generator: the same weights give the same eval loss."""
-    overrides = ("dataset.resolutions=[64]", "trainer.max_steps=0", "logger=csv",
-                 f"eval_datasets=[{{name:heldout,path:{EXAMPLE_IMAGES}}}]")
-    first = run(make_config(*overrides, run_name="a")).trainer.callback_metrics["heldout/loss"]
-    second = run(make_config(*overrides, run_name="b")).trainer.callback_metrics["heldout/loss"]
-    assert first == second
+def test_eval_loss_is_comparable_across_eval_points(make_config):
+    """Fixed timestep quantiles and a fixed generator: unchanged weights (lr 0) give the same eval loss at
+    every eval point, whatever training drew from the RNG in between."""
+    result = run(make_config("dataset.resolutions=[64]", "trainer.max_steps=2", "logger=csv", "optimizer.lr=0",
+                             f"eval_datasets=[{{name:heldout,path:{EXAMPLE_IMAGES}}}]", "eval_every_n_steps=1"))
+    with open(result.final_export.parents[1] / "csv" / "metrics.csv") as f:
+        losses = [float(row["heldout/loss"]) for row in csv.DictReader(f) if row.get("heldout/loss")]
+    assert len(losses) == 3 and len(set(losses)) == 1, losses
 
 
 def test_wandb_logs_offline(make_config, monkeypatch, tmp_path):

@@ -3,6 +3,7 @@ impossible combinations and missing paths each become one `ConfigError` naming t
 import difflib
 import importlib
 import inspect
+import re
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin
@@ -38,20 +39,30 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _check_schema(schema: type, node: DictConfig, where: str) -> None:
-    """Unknown keys first (also inside lists of entries such as dataset.directories), then the types."""
+    """Unknown keys first (entries of lists such as dataset.directories before their list), then types and
+    required keys."""
     types = {f.name: f.type for f in fields(schema)}
     for key in node.keys():
         if key not in types:
             raise ConfigError(_unknown_key_message(key, list(types), where))
     for key, entry_schema in _entry_lists(types).items():
         if OmegaConf.is_list(node.get(key)):
-            for i, entry in enumerate(node[key]):
-                if OmegaConf.is_dict(entry):
-                    _check_schema(entry_schema, entry, f"{_join(where, key)}[{i}]")
+            _check_entries(entry_schema, node[key], _join(where, key))
     try:
-        OmegaConf.merge(OmegaConf.structured(schema), node)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
     except ValidationError as e:
         raise ConfigError(_wrong_type_message(e, node, types, where)) from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"{_join(where, missing[0])} is required but not set.")
+
+
+def _check_entries(schema: type, entries: list, where: str) -> None:
+    for i, entry in enumerate(entries):
+        if not OmegaConf.is_dict(entry):
+            keys = ", ".join(f.name for f in fields(schema))
+            raise ConfigError(f"{where}[{i}]={entry!r} should be a mapping with some of the keys: {keys}.")
+        _check_schema(schema, entry, f"{where}[{i}]")
 
 
 def _entry_lists(types: dict[str, Any]) -> dict[str, type]:
@@ -72,10 +83,10 @@ def _wrong_type_message(error: ValidationError, node: DictConfig, types: dict[st
 
 
 def _type_name(annotation: Any) -> str:
-    """float, list[Any], 'float or null' for Optional[float]."""
+    """float, list[Any], list[DirectoryConfig], 'float or null' for Optional[float]."""
     if get_origin(annotation) is Union:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in get_args(annotation))
-    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+    return annotation.__name__ if isinstance(annotation, type) else re.sub(r"[\w.]+\.(\w+)", r"\1", str(annotation))
 
 
 def _unknown_key_message(key: str, known: list[str], where: str) -> str:
