@@ -77,6 +77,28 @@ def test_transformer_path_loads_a_bfl_export(make_config):
         assert torch.equal(second.module.denoiser.state_dict()[key], tensor), key
 
 
+def test_exports_at_save_points_each_with_its_config(make_config):
+    result = run(make_config(*FAST, "trainer.max_steps=4", "save_every_n_steps=2", "save_every_n_epochs=null"))
+    exports = result.final_export.parent
+    assert sorted(p.name for p in exports.iterdir()) == ["final", "step2", "step4"]
+    for folder in exports.iterdir():
+        assert (folder / "pytorch_lora_weights.safetensors").is_file() and (folder / "config.yaml").is_file()
+    assert "save_every_n_steps: 2" in (exports / "step2" / "config.yaml").read_text()
+
+
+def test_bypassed_guidance_embedding_ignores_guidance_and_exports_every_key(make_config):
+    def first_loss(*overrides, name):
+        result = run(make_config(*FAST, "trainer.max_steps=1", "adapter=none", *overrides, run_name=name))
+        return result.trainer.callback_metrics["train/loss"], result.final_export
+
+    bypassed, export = first_loss("model.bypass_guidance_embedding=true", name="a")
+    assert first_loss("model.bypass_guidance_embedding=true", "model.guidance=7", name="b")[0] == bypassed
+    assert first_loss("model.guidance=7", name="c")[0] != first_loss(name="d")[0]
+    bfl = load_file(export / "flux1-transformer-bfl.safetensors")
+    assert "guidance_in.in_layer.weight" in bfl
+    load_bfl_transformer(export / "flux1-transformer-bfl.safetensors", tiny_model_dir("flux"), torch.float32)
+
+
 @pytest.mark.parametrize("fp8", ["float8", "float8_e5m2"])
 def test_fp8_storage_keeps_lora_in_full_precision(make_config, fp8):
     result = run(make_config(*FAST, f"model.transformer_dtype={fp8}"))

@@ -26,7 +26,8 @@ class ExportCallback(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, module: LightningModule) -> None:
         epoch = trainer.current_epoch + 1
-        if self.every_n_epochs and epoch % self.every_n_epochs == 0:
+        finished = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch  # not cut short by max_steps
+        if self.every_n_epochs and epoch % self.every_n_epochs == 0 and finished:
             self.export(trainer, module, f"epoch{epoch}")
 
     def on_train_end(self, trainer: Trainer, module: LightningModule) -> None:

@@ -14,16 +14,22 @@ from safetensors.torch import load_file
 
 from src.utils.atomic import save_safetensors
 
+SAMPLE = 1 << 20
+
 
 def fingerprint_files(*paths: Path, extra: str = "") -> str:
-    """Identifies encoders by their files on disk without loading them: every file's name, size and first MiB."""
+    """Identifies encoders by their files on disk without loading (or fully reading) them: each file's name,
+    size and three 1 MiB samples (start, middle, end)."""
     h = hashlib.sha256(extra.encode())
     for path in map(Path, paths):
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for file in files:
-            h.update(f"{file.name}:{file.stat().st_size}".encode())
+            size = file.stat().st_size
+            h.update(f"{file.name}:{size}".encode())
             with open(file, "rb") as f:
-                h.update(f.read(1 << 20))
+                for offset in sorted({0, max(0, size // 2 - SAMPLE // 2), max(0, size - SAMPLE)}):
+                    f.seek(offset)
+                    h.update(f.read(SAMPLE))
     return h.hexdigest()[:16]
 
 

@@ -39,16 +39,19 @@ class FluxEncoders:
 
 
 class GuidanceBypass(torch.nn.Module):
-    """Runs a guidance-distilled time/text embedding without its guidance branch (FLEX.1-alpha training)."""
+    """A guidance-distilled time/text embedding run without its guidance branch (FLEX.1-alpha training).
+    It holds the original's submodules under their own names, so weights and exports keep every key."""
 
     def __init__(self, embedding: torch.nn.Module):
         super().__init__()
-        self.embedding = embedding
+        self.time_proj = embedding.time_proj
+        self.timestep_embedder = embedding.timestep_embedder
+        self.guidance_embedder = embedding.guidance_embedder
+        self.text_embedder = embedding.text_embedder
 
     def forward(self, timestep: torch.Tensor, pooled_projection: torch.Tensor) -> torch.Tensor:
-        e = self.embedding
-        timesteps_emb = e.timestep_embedder(e.time_proj(timestep).to(pooled_projection.dtype))
-        return timesteps_emb + e.text_embedder(pooled_projection)
+        timesteps_emb = self.timestep_embedder(self.time_proj(timestep).to(pooled_projection.dtype))
+        return timesteps_emb + self.text_embedder(pooled_projection)
 
 
 class FluxModule(DiffusionModule):
