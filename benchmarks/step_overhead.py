@@ -36,8 +36,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="model.dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's); 1 is steadier on a machine shared with other jobs")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads, 0 = torch's default; 1 is far steadier on a machine shared with other jobs")
     return p.parse_args()
 
 
@@ -169,9 +169,9 @@ def _title(args, module, device: torch.device) -> str:
 def main() -> None:
     args = parse_args()
     quiet()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = default_device()
+    if args.threads and device.type == "cpu":
+        torch.set_num_threads(args.threads)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
         work_dir = Path(tmp)
