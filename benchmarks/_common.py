@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported: no progress bars between the tables
 
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402

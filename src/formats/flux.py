@@ -9,7 +9,6 @@ keys they do not know.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -18,7 +17,9 @@ from dataclasses import dataclass
 import torch
 from diffusers import FluxTransformer2DModel
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from src.utils.atomic import save_safetensors
 
 StateDict = dict[str, torch.Tensor]
 # Given the fused weight's shape, the row count of each part, in concatenation order.
@@ -255,16 +256,4 @@ def save_bfl_transformer(model_or_state_dict: torch.nn.Module | Mapping[str, tor
     state_dict = (
         model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module) else model_or_state_dict
     )
-    tensors = {key: tensor.contiguous() for key, tensor in diffusers_to_bfl(state_dict).items()}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # Same directory, so os.replace is a rename within one filesystem and readers never see a
-    # half-written file. Not mkstemp: its 0600 mode would stick to the final file.
-    tmp_path = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, tmp_path, metadata={"format": "pt"})
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp_path)
-        raise
+    save_safetensors(diffusers_to_bfl(state_dict), path)

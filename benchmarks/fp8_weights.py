@@ -1,0 +1,105 @@
+"""Bytes of the transformer's base weights with model.transformer_dtype=float8 vs unset (bf16), both built by
+FluxModule.configure_model (LoRA added, then diffusers layerwise casting skipping keep_in_high_precision and
+lora_). LoRA weights are excluded: they are trainable and stay float32 either way.
+
+Two models: the tiny test Flux (the real on-disk folder and load path) and FLUX.1-dev's architecture built on the
+meta device (real shapes and dtypes, no memory, no weights needed). See benchmarks/README.md."""
+import argparse
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from _common import compose_config, instantiate_module, print_table, quiet, verdict
+
+import torch
+from diffusers import FluxTransformer2DModel
+
+from src.modules.flux import FluxModule
+
+TARGET_RATIO = 0.55
+# diffusers' FluxTransformer2DModel defaults are FLUX.1-dev's shapes, except that dev has a guidance embedding.
+FLUX1_DEV = dict(guidance_embeds=True)
+
+
+class MetaFlux1DevModule(FluxModule):
+    """FluxModule whose denoiser is FLUX.1-dev's architecture on the meta device (shapes and dtypes only)."""
+
+    def load_denoiser(self) -> FluxTransformer2DModel:
+        with torch.device("meta"):
+            return FluxTransformer2DModel(**FLUX1_DEV).to(self.compute_dtype)
+
+
+MODELS = {  # name -> (model config group, module class override or None)
+    "tiny": ("flux_tiny", None),
+    "flux1-dev": ("flux", f"{__name__}.{MetaFlux1DevModule.__name__}"),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    p.add_argument("--fp8", default="float8", help="model.transformer_dtype to compare (float8, float8_e5m2)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (fp8 storage requires a LoRA)")
+    p.add_argument("--top", type=int, default=6, help="list this many module kinds kept in high precision")
+    return p.parse_args()
+
+
+def build_denoiser(name: str, transformer_dtype: str, rank: int, work_dir: Path) -> torch.nn.Module:
+    group, target = MODELS[name]
+    cfg = compose_config(work_dir / name, f"model={group}", "model.tiny=true", "model.dtype=bfloat16",
+                         f"model.transformer_dtype={transformer_dtype}", "adapter=lora", f"adapter.rank={rank}")
+    module = instantiate_module(cfg, target)
+    module.configure_model()
+    return module.denoiser
+
+
+def base_parameters(denoiser: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in denoiser.named_parameters() if "lora_" not in name}
+
+
+def weight_bytes(params: dict[str, torch.nn.Parameter]) -> int:
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+def high_precision_kinds(params: dict[str, torch.nn.Parameter]) -> Counter:
+    """Bytes of the parameters not stored in fp8, by module kind (block indices folded: blocks.N.norm1...)."""
+    kinds = Counter()
+    for name, p in params.items():
+        if p.element_size() > 1:
+            kinds[re.sub(r"\.\d+\.", ".N.", name.rsplit(".", 1)[0])] += p.numel() * p.element_size()
+    return kinds
+
+
+def measure(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
+    plain = base_parameters(build_denoiser(name, "null", args.rank, work_dir))
+    fp8 = base_parameters(build_denoiser(name, args.fp8, args.rank, work_dir))
+    fp8_params = sum(p.numel() for p in fp8.values() if p.element_size() == 1)
+    return {"name": name, "params": sum(p.numel() for p in plain.values()), "bf16": weight_bytes(plain),
+            "fp8": weight_bytes(fp8), "fp8_share": fp8_params / sum(p.numel() for p in fp8.values()),
+            "kept": high_precision_kinds(fp8)}
+
+
+def report(results: list[dict], args: argparse.Namespace) -> None:
+    mib = 2 ** 20
+    print_table(f"Transformer base weight bytes (LoRA rank {args.rank} excluded), transformer_dtype={args.fp8} "
+                "vs unset, model.dtype=bfloat16",
+                ["model", "base params", "bf16 MiB", "fp8 MiB", "ratio fp8/bf16", "params in fp8", "verdict"],
+                [[r["name"], r["params"], r["bf16"] / mib, r["fp8"] / mib, r["fp8"] / r["bf16"],
+                  f"{r['fp8_share']:.1%}", verdict(r["fp8"] / r["bf16"], TARGET_RATIO)] for r in results])
+    for r in results:
+        print_table(f"{r['name']}: largest module kinds kept in high precision (share of the fp8 total)",
+                    ["module (block index folded)", "MiB", "share"],
+                    [[kind, size / mib, f"{size / r['fp8']:.1%}"] for kind, size in r["kept"].most_common(args.top)])
+
+
+def main() -> None:
+    args = parse_args()
+    quiet()
+    with tempfile.TemporaryDirectory(prefix="bench-fp8-") as tmp:
+        results = [measure(name, args, Path(tmp)) for name in args.models]
+    report(results, args)
+
+
+if __name__ == "__main__":
+    main()
