@@ -3,8 +3,8 @@
 Each run is a real `trainer.fit(max_steps=0)` of the composed config: DiffusionDataModule.setup scans the folder,
 loads the cache encoders and encodes everything into a fresh, empty cache; the fit then stops before any step.
 The example images are copied --repeat times (each copy re-saved with its own JPEG comment, so its bytes, and so
-its cache key, differ while its pixels do not). Runs alternate the order of the worker counts across trials, to
-spread the drift of a shared machine. See benchmarks/README.md."""
+its cache key, differ while its pixels do not). After one untimed warm-up run, runs alternate the order of the
+worker counts across trials, to spread the drift of a shared machine. See benchmarks/README.md."""
 import argparse
 import shutil
 import tempfile
@@ -27,6 +27,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="cache_workers values to compare")
     p.add_argument("--trials", type=int, default=2, help="runs per worker count; the order alternates")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the untimed first run (it pays one-off costs: kernel selection, lazy imports)")
     return p.parse_args()
 
 
@@ -77,6 +79,8 @@ def run_order(workers: list[int], trials: int) -> list[int]:
 
 
 def time_runs(dataset_dir: Path, work_dir: Path, args: argparse.Namespace) -> dict[int, list[TimedDataModule]]:
+    if not args.no_warmup:
+        cache_once(dataset_dir, work_dir / "run-warmup", args.workers[0], args.resolution)
     runs = {w: [] for w in args.workers}
     for i, workers in enumerate(run_order(args.workers, args.trials)):
         datamodule = cache_once(dataset_dir, work_dir / f"run-{i}", workers, args.resolution)

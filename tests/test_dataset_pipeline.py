@@ -1,7 +1,9 @@
 """The dataset pipeline through real training runs: the incremental latent / text cache, bad media, empty
 datasets (what train.py then prints is in test_config.py), and the dataset keys (num_repeats, caption_prefix,
 per-directory overrides, one bucket per batch)."""
+import gc
 import logging
+import weakref
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -10,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from src.config.schema import MODEL_SCHEMAS, FluxConfig
 from src.datamodules.cache import EmbeddingCache, is_complete_safetensors
 from src.datamodules.datamodule import EmptyDatasetError
+from src.modules.flux import FluxModule
 from src.training import run
 from tests.conftest import EXAMPLE_IMAGES
 
@@ -148,3 +152,21 @@ def test_directories_repeats_prefixes_and_one_bucket_per_batch(make_config, tmp_
     assert set().union(*batches) == set(range(len(samples)))
     for batch in batches:
         assert len({samples[i].size for i in batch}) == 1, "a batch mixes buckets"
+
+
+class FluxKeepingWatch(FluxModule):
+    """The real Flux module, noting (weakly) the encoders it hands out for caching."""
+
+    handed_out = []
+
+    def load_cache_encoders(self):
+        encoders = super().load_cache_encoders()
+        self.handed_out.append(weakref.ref(encoders.pipe))
+        return encoders
+
+
+def test_encoders_are_freed_after_caching(make_config, monkeypatch):
+    monkeypatch.setitem(MODEL_SCHEMAS, f"{__name__}.FluxKeepingWatch", FluxConfig)
+    run(make_config(*FAST, f"model._target_={__name__}.FluxKeepingWatch"))
+    gc.collect()
+    assert FluxKeepingWatch.handed_out and all(ref() is None for ref in FluxKeepingWatch.handed_out)
