@@ -2,11 +2,11 @@
 
 The scripts run as `python benchmarks/<name>.py`, so this folder is on sys.path; the repository root is added
 here so `src` and `tests` import the same way they do under pytest."""
+import argparse
 import logging
 import os
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -38,6 +38,23 @@ def instantiate_module(cfg: DictConfig, target: Optional[str] = None):
                        eval_names=(), _recursive_=False, **extra)
 
 
+def bench_trainer(cfg: DictConfig, **overrides):
+    """Our trainer config (precision, clipping, logging cadence) with no loggers, checkpoints, bars or eval."""
+    return instantiate(cfg.trainer, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                       enable_model_summary=False, limit_val_batches=0, **overrides)
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads in the main process, 0 = torch's default; 1 is far steadier on a "
+                             "machine shared with other jobs (ignored on GPU)")
+
+
+def limit_cpu_threads(threads: int, device: torch.device) -> None:
+    if threads and device.type == "cpu":
+        torch.set_num_threads(threads)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -45,10 +62,6 @@ def default_device() -> torch.device:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def seconds_since(start: float) -> float:
-    return time.perf_counter() - start
 
 
 def median(values: Sequence[float]) -> float:

@@ -11,7 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import EXAMPLE_IMAGES, compose_config, instantiate_module, median, print_table, quiet
+from _common import (EXAMPLE_IMAGES, add_threads_option, bench_trainer, compose_config, default_device,
+                     instantiate_module, limit_cpu_threads, median, print_table, quiet)
 
 import torch
 from hydra.utils import instantiate
@@ -27,6 +28,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="cache_workers values to compare")
     p.add_argument("--trials", type=int, default=2, help="runs per worker count; the order alternates")
+    add_threads_option(p)
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the untimed first run (it pays one-off costs: kernel selection, lazy imports)")
     return p.parse_args()
@@ -48,7 +50,8 @@ class TimedDataModule(DiffusionDataModule):
 
 
 def copy_distinct(source: Path, target: Path, repeat: int) -> int:
-    """Copies of every captioned image, each with unique bytes (a JPEG comment) and identical pixels."""
+    """Copies of every captioned image, re-saved alike but each with its own JPEG comment: the copies of one image
+    decode to the same pixels yet have different bytes, so none is deduplicated by the content-hashed cache."""
     target.mkdir(parents=True)
     images = sorted(p for p in source.iterdir() if is_image_file(p))
     for k in range(repeat):
@@ -67,9 +70,7 @@ def cache_once(dataset_dir: Path, run_dir: Path, workers: int, resolution: int) 
                          f"dataset.cache_dir={run_dir / 'cache'}")
     datamodule = instantiate(cfg.dataset, _target_=f"{__name__}.{TimedDataModule.__name__}", seed=cfg.seed,
                              _convert_="all")
-    trainer = instantiate(cfg.trainer, max_steps=0, logger=False, enable_checkpointing=False,
-                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(instantiate_module(cfg), datamodule=datamodule)
+    bench_trainer(cfg, max_steps=0).fit(instantiate_module(cfg), datamodule=datamodule)
     return datamodule
 
 
@@ -109,6 +110,7 @@ def report(runs: dict[int, list[TimedDataModule]], images: int, args: argparse.N
 def main() -> None:
     args = parse_args()
     quiet()
+    limit_cpu_threads(args.threads, default_device())
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
         images = copy_distinct(EXAMPLE_IMAGES, Path(tmp) / "images", args.repeat)
         runs = time_runs(Path(tmp) / "images", Path(tmp), args)

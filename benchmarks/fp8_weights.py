@@ -47,6 +47,7 @@ def parse_args() -> argparse.Namespace:
 
 def build_denoiser(name: str, transformer_dtype: str, rank: int, work_dir: Path) -> torch.nn.Module:
     group, target = MODELS[name]
+    # model.tiny=true: no diffusers_path needed (the meta module builds its denoiser without reading a folder).
     cfg = compose_config(work_dir / name, f"model={group}", "model.tiny=true", "model.dtype=bfloat16",
                          f"model.transformer_dtype={transformer_dtype}", "adapter=lora", f"adapter.rank={rank}")
     module = instantiate_module(cfg, target)

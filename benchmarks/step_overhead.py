@@ -10,12 +10,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from _common import (compose_config, default_device, instantiate_module, median, print_table, quiet,
-                     synchronize, verdict)
+from _common import (add_threads_option, bench_trainer, compose_config, default_device, instantiate_module,
+                     limit_cpu_threads, median, print_table, quiet, synchronize, verdict)
 
 import torch
 from diffusers import FluxTransformer2DModel
-from hydra.utils import instantiate
 from lightning import Callback
 from torch.utils.data import DataLoader, Dataset
 
@@ -36,14 +35,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="model.dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads, 0 = torch's default; 1 is far steadier on a machine shared with other jobs")
+    add_threads_option(p)
     return p.parse_args()
 
 
 # --- the model and its batch
 def small_flux(args: argparse.Namespace) -> FluxTransformer2DModel:
-    """A FLUX.1-dev-shaped transformer (guidance embedding, 64-dim heads, real RoPE split), a few M parameters."""
+    """A FLUX.1-dev-shaped transformer (guidance embedding, 64-dim heads, real RoPE split); ~10M params by default."""
     torch.manual_seed(0)
     width = 64 * args.heads
     return FluxTransformer2DModel(
@@ -139,8 +137,7 @@ class InterleavedClock(Callback):
 def time_pairs(cfg, module, batch: dict, steps: int, warmup: int, device: torch.device) -> list[tuple[float, float]]:
     total = warmup + steps + 1
     clock = InterleavedClock(batch, cfg.trainer.gradient_clip_val or 0.0, device)
-    trainer = instantiate(cfg.trainer, max_steps=total, callbacks=[clock], logger=False, enable_checkpointing=False,
-                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = bench_trainer(cfg, max_steps=total, callbacks=[clock])
     trainer.fit(module, train_dataloaders=DataLoader(SameBatch(batch, total), batch_size=None))
     return clock.pairs(warmup)
 
@@ -170,8 +167,7 @@ def main() -> None:
     args = parse_args()
     quiet()
     device = default_device()
-    if args.threads and device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    limit_cpu_threads(args.threads, device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
         work_dir = Path(tmp)
