@@ -21,6 +21,8 @@ class TrainingRun:
 
 def run(cfg: DictConfig) -> TrainingRun:
     validate(cfg)
+    # bitsandbytes warns at import that its optional CPU 4-bit matmul kernels are missing; nothing here uses them.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import lightning as L  # heavy imports only after the config is known to be good
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
