@@ -3,7 +3,7 @@ type is an error, both reported before anything heavy loads (see `validate.py`).
 
 Keys keep the reference trainer's names (diffusion-pipe) so its users feel at home."""
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 
 @dataclass
@@ -20,7 +20,8 @@ class ModelConfig:
     flux_shift: bool = False
     min_t: float = 0.0
     max_t: float = 1.0
-    activation_checkpointing: bool = False
+    activation_checkpointing: Union[bool, str] = False
+    blocks_to_swap: int = 0
 
 
 @dataclass
@@ -32,9 +33,36 @@ class FluxConfig(ModelConfig):
     max_sequence_length: int = 512
 
 
+WAN_VARIANTS = ("wan21_t2v", "wan21_i2v", "wan22_low", "wan22_high", "wan22_5b")
+
+
+@dataclass
+class WanConfig(ModelConfig):
+    variant: str = "???"
+    ckpt_path: Optional[str] = None
+    transformer_path: Optional[str] = None
+    llm_path: Optional[str] = None
+    clip_path: Optional[str] = None
+    max_sequence_length: int = 512
+
+
+@dataclass
+class SDXLConfig(ModelConfig):
+    timestep_sample_method: str = "uniform"  # DDPM: a uniform t gives uniform integer timesteps
+    checkpoint_path: Optional[str] = None
+    v_pred: bool = False
+    min_snr_gamma: Optional[float] = None
+    debiased_estimation_loss: bool = False
+    unet_lr: Optional[float] = None
+    text_encoder_1_lr: Optional[float] = None
+    text_encoder_2_lr: Optional[float] = None
+
+
 # The schema of each family, by the `_target_` of its model config.
 MODEL_SCHEMAS: dict[str, type[ModelConfig]] = {
+    "src.modules.sdxl.SDXLModule": SDXLConfig,
     "src.modules.flux.FluxModule": FluxConfig,
+    "src.modules.wan.WanModule": WanConfig,
 }
 
 
@@ -51,6 +79,8 @@ class DirectoryConfig:
     ar_buckets: Optional[list[Any]] = None
     num_repeats: Optional[int] = None
     caption_prefix: Optional[str] = None
+    frame_buckets: Optional[list[int]] = None
+    video_clip_mode: Optional[str] = None
 
 
 @dataclass
@@ -66,6 +96,8 @@ class DatasetConfig:
     ar_buckets: Optional[list[Any]] = None
     num_repeats: int = 1
     caption_prefix: str = ""
+    frame_buckets: list[int] = field(default_factory=lambda: [1])
+    video_clip_mode: str = "single_beginning"
     batch_size: int = 1
     num_workers: int = 0
     cache_dir: Optional[str] = None
@@ -107,4 +139,6 @@ class RootConfig:
 
 GROUPS = ("model", "dataset", "adapter", "optimizer", "scheduler", "trainer", "logger", "experiment")
 DTYPES = ("float32", "float16", "bfloat16")
+VIDEO_CLIP_MODES = ("single_beginning", "single_middle", "multiple_overlapping")
 FP8_DTYPES = ("float8", "float8_e4m3fn", "float8_e5m2")
+ACTIVATION_CHECKPOINTING = (False, True, "offload")

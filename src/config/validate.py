@@ -11,10 +11,13 @@ from typing import Any, Union, get_args, get_origin
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
-from .schema import DTYPES, FP8_DTYPES, GROUPS, MODEL_SCHEMAS, AdapterConfig, DatasetConfig, RootConfig
+from .schema import (ACTIVATION_CHECKPOINTING, DTYPES, FP8_DTYPES, GROUPS, MODEL_SCHEMAS, VIDEO_CLIP_MODES,
+                     WAN_VARIANTS, AdapterConfig, DatasetConfig, RootConfig)
 
 # Arguments of optimizer / scheduler targets that the trainer passes itself, never the config.
 SUPPLIED_BY_TRAINER = {"optimizer": ("params",), "scheduler": ("optimizer", "total_steps")}
+# Optimizer keys our module handles itself rather than passing to the optimizer class.
+OPTIMIZER_OPTIONS = ("gradient_release",)
 
 
 class ConfigError(ValueError):
@@ -28,14 +31,43 @@ def validate(cfg: DictConfig) -> None:
     _check_model(cfg.model, cfg.adapter)
     _check_schema(DatasetConfig, cfg.dataset, "dataset")
     _check_dataset_paths(cfg.dataset, "dataset")
+    _check_video_keys(cfg.dataset, "dataset")
     for i, eval_set in enumerate(cfg.eval_datasets):
         _check_path(eval_set.path, f"eval_datasets[{i}].path", "a folder of held-out images with captions")
     _check_schema(AdapterConfig, cfg.adapter, "adapter")
     _check_choice(cfg.adapter.type, ("lora", "none"), "adapter.type", "adapter=lora or adapter=none")
     for group in ("optimizer", "scheduler"):
         _check_callable_kwargs(cfg[group], group)
+    if cfg.optimizer.get("gradient_release"):
+        _check_gradient_release(cfg.trainer)
+    _check_block_swap(cfg.model.blocks_to_swap, cfg.adapter, cfg.trainer)
     if cfg.save_every_n_steps is None and cfg.save_every_n_epochs is None:
         raise ConfigError("Nothing would be exported: set save_every_n_steps or save_every_n_epochs.")
+
+
+def _check_gradient_release(trainer: DictConfig) -> None:
+    if trainer.get("gradient_clip_val"):
+        raise ConfigError("optimizer.gradient_release=true steps each weight during backward, before a global "
+                          "gradient norm exists, so it cannot clip: set trainer.gradient_clip_val=0.")
+    if not _single_process(trainer):
+        raise ConfigError("optimizer.gradient_release=true works in a single process (each weight steps before "
+                          "gradients are averaged across processes): set trainer.devices=1, or turn it off.")
+
+
+def _check_block_swap(count: int, adapter: DictConfig, trainer: DictConfig) -> None:
+    key = f"model.blocks_to_swap={count}"
+    if count < 0:
+        raise ConfigError(f"{key} must be >= 0 (0 turns block swap off).")
+    if count and adapter.type != "lora":
+        raise ConfigError(f"{key} only works with a LoRA: swapped blocks keep frozen base weights in CPU memory, "
+                          f"and a full fine-tune trains every weight. Use adapter=lora or model.blocks_to_swap=0.")
+    if count and not _single_process(trainer):
+        raise ConfigError(f"{key} works in a single process (DDP needs every weight of the model on its device): "
+                          f"set trainer.devices=1 and trainer.num_nodes=1, or model.blocks_to_swap=0.")
+
+
+def _single_process(trainer: DictConfig) -> bool:
+    return trainer.get("devices", 1) in (1, "1") and trainer.get("num_nodes", 1) == 1
 
 
 def _check_schema(schema: type, node: DictConfig, where: str) -> None:
@@ -106,11 +138,17 @@ def _check_model(model: DictConfig, adapter: DictConfig) -> None:
     if schema is None:
         raise ConfigError(f"model._target_ '{target}' is not a known family. Known: {', '.join(MODEL_SCHEMAS)}.")
     _check_schema(schema, model, "model")
+    if "variant" in model:
+        _check_choice(model.variant, WAN_VARIANTS, "model.variant", "the Wan model")
     _check_choice(model.dtype, DTYPES, "model.dtype", "a compute dtype")
     _check_choice(model.timestep_sample_method, ("logit_normal", "uniform"), "model.timestep_sample_method", "")
+    if model.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        raise ConfigError(f"model.activation_checkpointing={model.activation_checkpointing} is not valid. Choose "
+                          f"true (recompute each block's activations in backward), offload (the same, with the "
+                          f"block inputs kept for it in CPU memory: the reference trainer's 'unsloth') or false.")
     if not 0.0 <= model.min_t < model.max_t <= 1.0:
         raise ConfigError(f"model.min_t={model.min_t} and model.max_t={model.max_t} must satisfy 0 <= min_t < max_t <= 1.")
-    if model.transformer_dtype is not None:
+    if model.get("transformer_dtype") is not None:
         _check_choice(model.transformer_dtype, FP8_DTYPES, "model.transformer_dtype", "fp8 storage for LoRA training")
         if adapter.type != "lora":
             raise ConfigError("model.transformer_dtype (fp8 storage) only works with a LoRA: a full fine-tune must "
@@ -125,8 +163,22 @@ def _check_model_paths(model: DictConfig) -> None:
             raise ConfigError("model.diffusers_path is not set. Point it at the model's Diffusers folder "
                               "(model.diffusers_path=/models/FLUX.1-dev), or use model.tiny=true for a tiny test model.")
         _check_path(model.diffusers_path, "model.diffusers_path", "the model's Diffusers folder")
+    if "ckpt_path" in model:
+        if model.ckpt_path is None:
+            raise ConfigError("model.ckpt_path is not set. Point it at the original checkpoint folder "
+                              "(model.ckpt_path=/models/Wan2.1-T2V-1.3B), or use model.tiny=true for a tiny test model.")
+        _check_path(model.ckpt_path, "model.ckpt_path", "the original checkpoint folder")
+    if "checkpoint_path" in model:
+        if model.checkpoint_path is None:
+            raise ConfigError("model.checkpoint_path is not set. Point it at the original single-file checkpoint "
+                              "(model.checkpoint_path=/models/sd_xl_base_1.0.safetensors), or use model.tiny=true "
+                              "for a tiny test model.")
+        _check_path(model.checkpoint_path, "model.checkpoint_path", "the original single-file checkpoint")
     if model.get("transformer_path"):
         _check_path(model.transformer_path, "model.transformer_path", "a single-file transformer checkpoint")
+    for key, what in (("llm_path", "a single-file text encoder"), ("clip_path", "a CLIP vision model folder")):
+        if model.get(key):
+            _check_path(model[key], f"model.{key}", what)
 
 
 def _check_dataset_paths(dataset: DictConfig, where: str) -> None:
@@ -137,6 +189,13 @@ def _check_dataset_paths(dataset: DictConfig, where: str) -> None:
         _check_path(dataset.path, f"{where}.path", "a folder of images with captions")
     for i, directory in enumerate(dataset.directories):
         _check_path(directory.path, f"{where}.directories[{i}].path", "a folder of images with captions")
+
+
+def _check_video_keys(dataset: DictConfig, where: str) -> None:
+    entries = [(where, dataset)] + [(f"{where}.directories[{i}]", d) for i, d in enumerate(dataset.directories)]
+    for key, entry in entries:
+        if entry.get("video_clip_mode") is not None:
+            _check_choice(entry.video_clip_mode, VIDEO_CLIP_MODES, f"{key}.video_clip_mode", "how clips are cut from videos")
 
 
 def _check_path(path: str, key: str, what: str) -> None:
@@ -158,7 +217,7 @@ def _check_callable_kwargs(node: DictConfig, group: str) -> None:
         return
     known = [name for name in params if name not in SUPPLIED_BY_TRAINER[group]]
     for key in node.keys():
-        if not key.startswith("_") and key not in known:
+        if not key.startswith("_") and key not in known and key not in OPTIMIZER_OPTIONS:
             raise ConfigError(_unknown_key_message(key, known, group))
 
 

@@ -8,6 +8,8 @@ from collections.abc import Hashable, Iterator, Sequence
 import numpy
 from torch.utils.data import Sampler
 
+from src.config.schema import VIDEO_CLIP_MODES
+
 Size = tuple[int, int]
 
 
@@ -161,3 +163,39 @@ def _chunks_wrapping_around(items: list[int], size: int) -> list[list[int]]:
     num_chunks = math.ceil(len(items) / size)
     padded = list(itertools.islice(itertools.cycle(items), num_chunks * size))
     return [padded[start : start + size] for start in range(0, len(padded), size)]
+
+
+# --- frame buckets (videos)
+
+CLIP_MODES = VIDEO_CLIP_MODES
+
+
+def frame_buckets_with_image(frame_buckets: Sequence[int]) -> list[int]:
+    """The frame buckets, ascending, with the 1-frame (image) bucket always present."""
+    return sorted({1, *frame_buckets})
+
+
+def video_frame_bucket(num_frames: int, frame_buckets: Sequence[int]) -> int | None:
+    """The largest video bucket (> 1 frame) not longer than the video; None when it is shorter than all of them."""
+    fitting = [bucket for bucket in frame_buckets if 1 < bucket <= num_frames]
+    return max(fitting) if fitting else None
+
+
+def clip_starts(num_frames: int, clip_length: int, mode: str) -> list[int]:
+    """First frame of each clip of `clip_length` taken from a video of `num_frames` frames.
+
+    single_beginning: one clip from the first frame. single_middle: one clip centred in the video.
+    multiple_overlapping: the fewest clips that cover every frame, spread evenly from the first frame to the last
+    (so consecutive clips overlap by as little as possible, and by the same amount give or take a frame).
+    """
+    if clip_length > num_frames:
+        raise ValueError(f"a clip of {clip_length} frames does not fit in {num_frames} frames")
+    slack = num_frames - clip_length
+    if mode == "single_beginning":
+        return [0]
+    if mode == "single_middle":
+        return [slack // 2]
+    if mode == "multiple_overlapping":
+        count = math.ceil(num_frames / clip_length)
+        return [0] if count == 1 else [round(i * slack / (count - 1)) for i in range(count)]
+    raise ValueError(f"unknown video_clip_mode {mode!r}; choose one of {', '.join(CLIP_MODES)}")

@@ -1,7 +1,7 @@
 """On-disk cache of latents and text embeddings, one safetensors file per item.
 
-A latent's key hashes the media file's bytes, the crop size and the VAE's fingerprint; a text embedding's key
-hashes the caption and the text encoders' fingerprint. So a change of family, encoder, resolution or file
+A latent's key hashes the media file's bytes, the crop size, a video clip's frames and the VAE's fingerprint;
+a text embedding's key hashes the caption and the text encoders' fingerprint. So a change of family, encoder, resolution or file
 content misses exactly the affected items, and an unchanged item is never encoded twice. Files are written
 atomically; a truncated file fails the size check and is re-encoded, never trained on."""
 import hashlib
@@ -58,8 +58,11 @@ class EmbeddingCache:
     def __init__(self, root: Path):
         self.root = Path(root)
 
-    def latent_path(self, content_digest: str, size: tuple[int, int], encoder_fingerprint: str) -> Path:
-        key = hashlib.sha256(f"{content_digest}:{size[0]}x{size[1]}:{encoder_fingerprint}".encode()).hexdigest()
+    def latent_path(self, content_digest: str, size: tuple[int, int], encoder_fingerprint: str,
+                    frames: tuple[int, ...] = ()) -> Path:
+        """`frames`: the source frame indices of a video clip (an image's key has none)."""
+        clip = f":frames={','.join(map(str, frames))}" if frames else ""
+        key = hashlib.sha256(f"{content_digest}:{size[0]}x{size[1]}:{encoder_fingerprint}{clip}".encode()).hexdigest()
         return self.root / "latents" / key[:2] / f"{key}.safetensors"
 
     def text_path(self, caption: str, encoder_fingerprint: str) -> Path:

@@ -1,9 +1,11 @@
 """The bucketed, cached LightningDataModule shared by every family.
 
 setup() scans the media folders (reporting bad files once and skipping them), assigns every item to its
-aspect-ratio bucket at every resolution, makes sure each item has cached latents and text embeddings (loading
-the family's encoders only if something is missing, splitting the work across ranks), then frees the encoders.
-Batches come from one bucket each, in a reproducible shuffled order, sharded by rank, resumable mid-epoch."""
+aspect-ratio bucket at every resolution (and every video clip to its frame bucket, after resampling the video to
+the model's framerate), makes sure each item has cached latents and text embeddings (loading the family's
+encoders only if something is missing, splitting the work across ranks), then frees the encoders.
+Batches come from one (width, height, frames) bucket each, in a reproducible shuffled order, sharded by rank,
+resumable mid-epoch."""
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +18,18 @@ from tqdm import tqdm
 
 from src.config.validate import ConfigError
 
-from .buckets import BucketBatchSampler, aspect_ratio_buckets, assign_buckets
+from .buckets import (BucketBatchSampler, aspect_ratio_buckets, assign_buckets, clip_starts, frame_buckets_with_image,
+                      video_frame_bucket)
 from .cache import EmbeddingCache, file_digest
-from .media import MediaItem, SkippedFile, load_image, scan_directory
+from .media import MediaItem, SkippedFile, crop_geometry, load_image, load_video, resample_indices, scan_directory
 
 log = logging.getLogger(__name__)
 
 DIRECTORY_KEYS = ("resolutions", "enable_ar_bucket", "min_ar", "max_ar", "num_ar_buckets", "ar_buckets",
-                  "num_repeats", "caption_prefix")
+                  "num_repeats", "caption_prefix", "frame_buckets", "video_clip_mode")
+
+
+GEOMETRY_KEYS = ("original_size", "crop_top_left", "target_size")  # see Sample.geometry
 
 
 class EmptyDatasetError(ConfigError):
@@ -32,12 +38,26 @@ class EmptyDatasetError(ConfigError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One training example: a media item cropped to one bucket size, with its cache files."""
+    """One training example: a media item (or one clip of a video) cropped to one bucket size, with its cache
+    files. `frames` are the source frame indices of a video clip, empty for an image."""
 
     item: MediaItem
     size: tuple[int, int]
     latent_path: Path
     text_path: Path
+    frames: tuple[int, ...] = ()
+
+    @property
+    def bucket(self) -> tuple[int, int, int]:
+        """(width, height, frames): batches never mix buckets."""
+        return (*self.size, len(self.frames) or 1)
+
+    def geometry(self) -> dict[str, torch.Tensor]:
+        """(height, width) pairs describing the crop the latents were encoded from: the source media's size,
+        the crop's top-left corner in the scaled source, the crop's size (SDXL's micro-conditioning)."""
+        _, top_left = crop_geometry((self.item.width, self.item.height), self.size)
+        return {"original_size": torch.tensor([self.item.height, self.item.width]),
+                "crop_top_left": torch.tensor(top_left), "target_size": torch.tensor(self.size[::-1])}
 
 
 class CachedDataset(Dataset):
@@ -49,8 +69,11 @@ class CachedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
-        return {"latents": EmbeddingCache.read(sample.latent_path)["latents"],
-                "text": EmbeddingCache.read(sample.text_path)}
+        media = EmbeddingCache.read(sample.latent_path)
+        item = {"latents": media.pop("latents"), "text": EmbeddingCache.read(sample.text_path), **sample.geometry()}
+        if media:  # conditioning cached beside the latents (e.g. an i2v first frame)
+            item["cond"] = media
+        return item
 
 
 class MediaToEncode(Dataset):
@@ -64,12 +87,18 @@ class MediaToEncode(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
         sample = self.samples[index]
+        if sample.frames:
+            return index, load_video(sample.item.path, sample.size, sample.frames)
         return index, load_image(sample.item.path, sample.size)
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"latents": torch.stack([b["latents"] for b in batch]),
-            "text": {k: torch.stack([b["text"][k] for b in batch]) for k in batch[0]["text"]}}
+    out = {"latents": torch.stack([b["latents"] for b in batch]),
+           "text": {k: torch.stack([b["text"][k] for b in batch]) for k in batch[0]["text"]},
+           **{k: torch.stack([b[k] for b in batch]) for k in GEOMETRY_KEYS}}
+    if "cond" in batch[0]:
+        out["cond"] = {k: torch.stack([b["cond"][k] for b in batch]) for k in batch[0]["cond"]}
+    return out
 
 
 class ResumableDataLoader(DataLoader):
@@ -90,12 +119,13 @@ class DiffusionDataModule(LightningDataModule):
     def __init__(self, path: Optional[str] = None, directories: list[dict] = (), resolutions: list = (512,),
                  enable_ar_bucket: bool = True, min_ar: float = 0.5, max_ar: float = 2.0, num_ar_buckets: int = 7,
                  ar_buckets: Optional[list] = None, num_repeats: int = 1, caption_prefix: str = "",
-                 batch_size: int = 1, num_workers: int = 0, cache_dir: Optional[str] = None,
+                 frame_buckets: list = (1,), video_clip_mode: str = "single_beginning", batch_size: int = 1, num_workers: int = 0, cache_dir: Optional[str] = None,
                  cache_workers: int = 1, eval_datasets: list[dict] = (), seed: int = 42):
         super().__init__()
         defaults = dict(resolutions=resolutions, enable_ar_bucket=enable_ar_bucket, min_ar=min_ar, max_ar=max_ar,
                         num_ar_buckets=num_ar_buckets, ar_buckets=ar_buckets, num_repeats=num_repeats,
-                        caption_prefix=caption_prefix)
+                        caption_prefix=caption_prefix, frame_buckets=list(frame_buckets),
+                        video_clip_mode=video_clip_mode)
         self.directories = [_with_defaults({"path": path}, defaults)] if path else []
         self.directories += [_with_defaults(d, defaults) for d in directories]
         self.eval_directories = {d["name"]: _with_defaults(d, defaults) for d in eval_datasets}
@@ -121,8 +151,7 @@ class DiffusionDataModule(LightningDataModule):
         module = self.trainer.lightning_module
         cache = EmbeddingCache(self.cache_root / module.cache_name)
         latent_fp, text_fp = module.cache_fingerprints()
-        plan = lambda dirs, repeat: self._plan(dirs, cache, latent_fp, text_fp, module.pixels_round_to_multiple,  # noqa: E731
-                                               repeat)
+        plan = lambda dirs, repeat: self._plan(dirs, cache, latent_fp, text_fp, module, repeat)  # noqa: E731
         train = plan(self.directories, True)
         evals = {name: plan([d], False) for name, d in self.eval_directories.items()}
         if not train:
@@ -134,26 +163,53 @@ class DiffusionDataModule(LightningDataModule):
     def _empty_dataset_message(self) -> str:
         folders = ", ".join(str(d["path"]) for d in self.directories)
         skipped = f" {len(self.skipped)} file(s) were skipped (reasons logged above)." if self.skipped else ""
-        return (f"The dataset is empty: no usable image with a caption in {folders}.{skipped} Each image needs a "
-                f"<name>.txt caption beside it; point dataset.path (or dataset.directories) at such a folder.")
+        return (f"The dataset is empty: no usable image with a caption in {folders}.{skipped} Each image (or video) "
+                f"needs a <name>.txt caption beside it; point dataset.path (or dataset.directories) at such a folder.")
 
-    def _plan(self, directories: list[dict], cache: EmbeddingCache, latent_fp: str, text_fp: str, multiple: int,
+    def _plan(self, directories: list[dict], cache: EmbeddingCache, latent_fp: str, text_fp: str, module,
               repeat: bool) -> list[Sample]:
         samples = []
         for directory in directories:
             scan = scan_directory(directory["path"], directory["caption_prefix"])
-            for skipped in scan.skipped:
+            clips = {item: self._clips(item, directory, module) for item in scan.items}
+            for skipped in scan.skipped + [s for s in clips.values() if isinstance(s, SkippedFile)]:
                 log.warning("Skipping %s: %s", skipped.path, skipped.reason)
-            self.skipped += scan.skipped
+                self.skipped.append(skipped)
             ars = aspect_ratio_buckets(directory["enable_ar_bucket"], directory["min_ar"], directory["max_ar"],
                                        directory["num_ar_buckets"], directory["ar_buckets"])
-            for item in scan.items:
+            for item, item_clips in clips.items():
+                if isinstance(item_clips, SkippedFile):
+                    continue
                 digest = file_digest(item.path)
                 text_path = cache.text_path(item.caption, text_fp)
-                for size in assign_buckets(item.width, item.height, directory["resolutions"], ars, multiple):
-                    sample = Sample(item, size, cache.latent_path(digest, size, latent_fp), text_path)
-                    samples += [sample] * (directory["num_repeats"] if repeat else 1)
+                for size in assign_buckets(item.width, item.height, directory["resolutions"], ars,
+                                           module.pixels_round_to_multiple):
+                    for frames in item_clips:
+                        sample = Sample(item, size, cache.latent_path(digest, size, latent_fp, frames), text_path,
+                                        frames)
+                        samples += [sample] * (directory["num_repeats"] if repeat else 1)
         return samples
+
+    @staticmethod
+    def _clips(item: MediaItem, directory: dict, module) -> list[tuple[int, ...]] | SkippedFile:
+        """The clips (source frame indices) a video contributes, [()] for an image, or why the item is skipped."""
+        check_media_kind(item, module)
+        if not item.is_video:
+            return [()]
+        if not module.framerate:
+            return SkippedFile(item.path, f"{type(module).__name__} trains on images only; use a video model "
+                                          f"(e.g. model=wan21_t2v) to train on videos")
+        buckets = frame_buckets_with_image(directory["frame_buckets"])
+        check_frame_buckets(buckets, module.frames_multiple, directory)
+        timeline = resample_indices(item.num_frames, item.fps, module.framerate)
+        length = video_frame_bucket(len(timeline), buckets)
+        if length is None:
+            return SkippedFile(item.path, f"too short: {len(timeline)} frame(s) at {module.framerate} fps "
+                                          f"({item.num_frames} at {float(item.fps):g} fps in the file), shorter than "
+                                          f"the smallest video frame bucket ({buckets[1:] or 'none set'}); add a "
+                                          f"smaller one to dataset.frame_buckets")
+        starts = clip_starts(len(timeline), length, directory["video_clip_mode"])
+        return [tuple(timeline[start:start + length]) for start in starts]
 
     def _fill_cache(self, samples: list[Sample], module) -> None:
         """Encodes what the cache lacks. Rank r encodes every world_size-th missing item; all ranks then wait."""
@@ -176,9 +232,10 @@ class DiffusionDataModule(LightningDataModule):
 
     def _encode_latents(self, samples: list[Sample], encoders) -> None:
         loader = DataLoader(MediaToEncode(samples), batch_size=None, num_workers=self.cache_workers)
-        for index, pixels in tqdm(loader, total=len(samples), desc="Caching latents", unit="img"):
-            latents = encoders.encode_images(pixels.unsqueeze(0))[0]
-            EmbeddingCache.write(samples[index].latent_path, {"latents": latents})
+        for index, pixels in tqdm(loader, total=len(samples), desc="Caching latents", unit="item"):
+            encoded = encoders.encode_images(pixels.unsqueeze(0))
+            tensors = {k: v[0] for k, v in encoded.items()} if isinstance(encoded, dict) else {"latents": encoded[0]}
+            EmbeddingCache.write(samples[index].latent_path, tensors)
 
     def _encode_captions(self, samples: list[Sample], encoders, batch_size: int = 16) -> None:
         for start in tqdm(range(0, len(samples), batch_size), desc="Caching text", unit="batch"):
@@ -187,7 +244,7 @@ class DiffusionDataModule(LightningDataModule):
                 EmbeddingCache.write(sample.text_path, tensors)
 
     def train_dataloader(self) -> ResumableDataLoader:
-        sampler = BucketBatchSampler([s.size for s in self.train_set.samples], self.batch_size, self.seed,
+        sampler = BucketBatchSampler([s.bucket for s in self.train_set.samples], self.batch_size, self.seed,
                                      rank=self.trainer.global_rank, world_size=self.trainer.world_size)
         loader = ResumableDataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate,
                                      num_workers=self.num_workers)
@@ -196,9 +253,25 @@ class DiffusionDataModule(LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         return [DataLoader(dataset, batch_sampler=BucketBatchSampler(
-                    [s.size for s in dataset.samples], self.batch_size, self.seed, rank=self.trainer.global_rank,
+                    [s.bucket for s in dataset.samples], self.batch_size, self.seed, rank=self.trainer.global_rank,
                     world_size=self.trainer.world_size, shuffle=False), collate_fn=collate)
                 for dataset in self.eval_sets.values()]
+
+
+def check_media_kind(item: MediaItem, module) -> None:
+    """Image-to-video models learn to continue a first frame: an image cannot train them."""
+    if module.requires_video and not item.is_video:
+        raise ConfigError(f"{item.path} is an image, but {type(module).__name__} ({module.cache_name}) trains "
+                          f"image-to-video and needs videos only (the first frame conditions the rest). Remove the "
+                          f"images from the dataset, or use a text-to-video model such as model=wan21_t2v.")
+
+
+def check_frame_buckets(buckets: list[int], multiple: int, directory: dict) -> None:
+    bad = [f for f in buckets if f < 1 or (f - 1) % multiple]
+    if bad:
+        raise ConfigError(f"dataset.frame_buckets={directory['frame_buckets']} (for {directory['path']}): {bad} "
+                          f"cannot be encoded; frame counts must be of the form {multiple}k+1 "
+                          f"(1, {multiple + 1}, {2 * multiple + 1}, ...) for this model's VAE.")
 
 
 def _with_defaults(directory: dict, defaults: dict) -> dict:

@@ -1,14 +1,23 @@
-"""Image-folder scanning and loading: one image per item, its caption in `<stem>.txt` beside it."""
+"""Media-folder scanning and loading: one image or video per item, its caption in `<stem>.txt` beside it.
 
+Videos are decoded with PyAV. A video item records its decoded frame count and framerate; `resample_indices`
+maps it onto a model's framerate and `load_video` decodes the chosen frames as one clip."""
+
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
+from typing import Optional
 
+import av
 import torch
 from PIL import ExifTags, Image, ImageOps
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".gif", ".mkv"})
 CAPTION_SUFFIX = ".txt"
 # EXIF orientations 5-8 include a 90-degree rotation, so width and height swap.
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
@@ -21,6 +30,12 @@ class MediaItem:
     caption: str
     width: int  # after EXIF transpose
     height: int
+    num_frames: int = 1  # decoded frames of a video; 1 for an image
+    fps: Optional[Fraction] = None  # a video's average framerate; None for an image
+
+    @property
+    def is_video(self) -> bool:
+        return self.fps is not None
 
 
 @dataclass(frozen=True)
@@ -39,47 +54,61 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def is_video_file(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_EXTENSIONS
+
+
 def scan_directory(path: str | Path, caption_prefix: str = "") -> ScanResult:
-    """Collect captioned images in `path` (not recursive) and report every file that cannot be used."""
+    """Collect captioned images and videos in `path` (not recursive) and report every file that cannot be used."""
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"Dataset directory not found: {directory}")
     files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
-    images = [p for p in files if is_image_file(p)]
+    media = [p for p in files if is_image_file(p) or is_video_file(p)]
     result = ScanResult()
-    for image_path in images:
-        item_or_skip = _scan_image(image_path, caption_prefix)
+    for media_path in media:
+        item_or_skip = _scan_media(media_path, caption_prefix)
         if isinstance(item_or_skip, MediaItem):
             result.items.append(item_or_skip)
         else:
             result.skipped.append(item_or_skip)
-    image_stems = {p.stem for p in images}
+    media_stems = {p.stem for p in media}
     result.skipped.extend(
-        SkippedFile(p, "caption file without a matching image")
+        SkippedFile(p, "caption file without a matching image or video")
         for p in files
-        if p.suffix == CAPTION_SUFFIX and p.stem not in image_stems
+        if p.suffix == CAPTION_SUFFIX and p.stem not in media_stems
     )
     result.skipped.sort(key=lambda skipped: skipped.path)
     return result
 
 
-def _scan_image(image_path: Path, caption_prefix: str) -> MediaItem | SkippedFile:
-    if image_path.stat().st_size == 0:
-        return SkippedFile(image_path, "empty image file (0 bytes)")
+def _scan_media(media_path: Path, caption_prefix: str) -> MediaItem | SkippedFile:
+    kind = "video" if is_video_file(media_path) else "image"
+    if media_path.stat().st_size == 0:
+        return SkippedFile(media_path, f"empty {kind} file (0 bytes)")
     try:
-        width, height = read_verified_size(image_path)
-    # PIL decoders raise many exception types on malformed data (OSError, SyntaxError, struct.error, ...).
+        if kind == "video":
+            width, height, num_frames, fps = probe_video(media_path)
+        else:
+            (width, height), num_frames, fps = read_verified_size(media_path), 1, None
+    # PIL and FFmpeg decoders raise many exception types on malformed data (OSError, SyntaxError, av errors, ...).
     except Exception as exc:
-        return SkippedFile(image_path, f"unreadable image: {exc}")
-    caption_path = image_path.with_suffix(CAPTION_SUFFIX)
+        return SkippedFile(media_path, f"unreadable {kind}: {exc}")
+    caption = _read_caption(media_path)
+    if isinstance(caption, SkippedFile):
+        return caption
+    return MediaItem(media_path, caption_prefix + caption, width, height, num_frames, fps)
+
+
+def _read_caption(media_path: Path) -> str | SkippedFile:
+    caption_path = media_path.with_suffix(CAPTION_SUFFIX)
     if not caption_path.is_file():
-        return SkippedFile(image_path, f"no caption file: expected {caption_path}")
+        return SkippedFile(media_path, f"no caption file: expected {caption_path}")
     try:
         # utf-8-sig also accepts the byte-order mark some Windows editors write.
-        caption = caption_path.read_text(encoding="utf-8-sig").strip()
+        return caption_path.read_text(encoding="utf-8-sig").strip()
     except UnicodeDecodeError as exc:
-        return SkippedFile(image_path, f"caption file {caption_path} is not valid UTF-8: {exc}")
-    return MediaItem(image_path, caption_prefix + caption, width, height)
+        return SkippedFile(media_path, f"caption file {caption_path} is not valid UTF-8: {exc}")
 
 
 def read_verified_size(path: Path) -> tuple[int, int]:
@@ -94,18 +123,72 @@ def read_verified_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
+def probe_video(path: Path) -> tuple[int, int, int, Fraction]:
+    """(width, height, frames, average fps); decodes every frame, so a truncated or corrupt file raises."""
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        fps = stream.average_rate or stream.guessed_rate
+        num_frames = sum(1 for _ in container.decode(stream))
+        width, height = stream.codec_context.width, stream.codec_context.height
+    if num_frames == 0 or not fps:
+        raise ValueError(f"no decodable frames or no framerate ({num_frames} frames, {fps} fps)")
+    return width, height, num_frames, Fraction(fps)
+
+
+def resample_indices(num_frames: int, fps: Fraction, target_fps: int) -> list[int]:
+    """Source frame shown at each tick of a `target_fps` clock over the video's duration (num_frames / fps):
+    frame k of the resampled video is source frame floor(k * fps / target_fps). Slower sources repeat frames,
+    faster ones drop them; exact (rational) arithmetic, so 32 fps -> 16 fps takes every second frame."""
+    step = Fraction(fps) / target_fps
+    return [math.floor(k * step) for k in range(math.ceil(num_frames / step))]
+
+
+def load_video(path: str | Path, size: tuple[int, int], frame_indices: Sequence[int]) -> torch.Tensor:
+    """Float32 [3, F, h, w] in [-1, 1]: the decoded frames at `frame_indices` (source indices, repeats allowed),
+    each scaled to cover `size` and centre-cropped like an image."""
+    wanted, last = set(frame_indices), max(frame_indices)
+    frames = {}
+    with av.open(str(path)) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index in wanted:
+                frames[index] = torch.from_numpy(frame.to_ndarray(format="rgb24"))
+            if index >= last:
+                break
+    if len(frames) < len(wanted):
+        raise ValueError(f"{path}: decoded {len(frames)} of the {len(wanted)} frames wanted (up to index {last}); "
+                         f"the file changed or is damaged since it was scanned")
+    pixels = torch.stack([frames[i] for i in frame_indices]).permute(0, 3, 1, 2)  # [F, 3, H, W]
+    return _cover_crop(pixels, size).permute(1, 0, 2, 3)
+
+
 def load_image(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
     """Float32 [3, h, w] in [-1, 1]: EXIF-transposed, alpha on white, scaled to cover `size`, centre-cropped."""
-    width, height = size
     with Image.open(path) as img:
         pixels = F.pil_to_tensor(_to_rgb(ImageOps.exif_transpose(img)))
+    return _cover_crop(pixels, size)
+
+
+def _cover_crop(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 in [-1, 1], scaled to cover `size` = (w, h) and centre-cropped to it."""
+    width, height = size
     source_height, source_width = pixels.shape[-2:]
+    cover, (top, left) = crop_geometry((source_width, source_height), size)
+    pixels = F.resize(pixels, list(cover), interpolation=InterpolationMode.BICUBIC, antialias=True)
+    pixels = F.crop(pixels, top, left, height, width)
+    return F.to_dtype(pixels, torch.float32, scale=True) * 2 - 1
+
+
+def crop_geometry(source_size: tuple[int, int], size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where `_cover_crop` takes a (w, h) `size` crop from a (w, h) `source_size` image: ((cover_h, cover_w), the
+    scaled size covering `size`; (top, left), the crop's corner in it). SDXL conditions on these."""
+    width, height = size
+    source_width, source_height = source_size
     scale = max(width / source_width, height / source_height)
     # max() guards against float rounding leaving the cover one pixel short of the target.
-    cover = [max(height, round(source_height * scale)), max(width, round(source_width * scale))]
-    pixels = F.resize(pixels, cover, interpolation=InterpolationMode.BICUBIC, antialias=True)
-    pixels = F.center_crop(pixels, [height, width])
-    return F.to_dtype(pixels, torch.float32, scale=True) * 2 - 1
+    cover = (max(height, round(source_height * scale)), max(width, round(source_width * scale)))
+    return cover, (int(round((cover[0] - height) / 2.0)), int(round((cover[1] - width) / 2.0)))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -3,6 +3,8 @@ format (the family contract, see DESIGN.md); timestep sampling, loss, LoRA/fp8/f
 optimizer groups, logging, eval loss and checkpoint trimming live here once."""
 import math
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
@@ -12,9 +14,16 @@ from diffusers.hooks import apply_layerwise_casting
 from hydra.utils import instantiate
 from lightning import LightningModule
 from lightning.pytorch.utilities import grad_norm
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, get_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 
+from .noise_schedules import FlowMatching
+from src.config.validate import ConfigError
+from src.optim.gradient_release import GradientReleaseOptimizer
+
+from .block_swap import BlockSwap
+from .checkpointing import checkpoint_block
 from .timesteps import TimestepSampler
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -27,8 +36,10 @@ class CacheEncoders(Protocol):
 
     def to(self, device: torch.device) -> "CacheEncoders": ...
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] in [-1, 1] -> the latents the denoiser trains on (already scaled)."""
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """[B, 3, H, W] (video families: also [B, 3, F, H, W] clips) in [-1, 1] -> the latents the denoiser trains on
+        (already scaled), or a dict of batched tensors: "latents" plus conditioning cached beside them, which
+        batches carry as batch["cond"] and `predict` receives as `cond`."""
 
     def encode_captions(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
         """One dict of text-conditioning tensors per caption."""
@@ -38,13 +49,19 @@ class DiffusionModule(LightningModule, ABC):
     # --- family contract: class attributes
     cache_name: str = ""                                # separates caches of different families / variants
     lora_target_blocks: tuple[str, ...] = ()            # class names of blocks whose Linear layers get LoRA
+    block_lists: tuple[str, ...] = ()                   # denoiser attributes holding its blocks, in running order
     keep_in_high_precision: tuple[str, ...] = ()        # regexes of module names never stored in fp8
     pixels_round_to_multiple: int = 16
+    framerate: Optional[int] = None                     # fps videos are resampled to; None: an image-only family
+    frames_multiple: int = 4                            # video frame counts are of the form frames_multiple * k + 1
+    requires_video: bool = False                        # image-to-video: every item must be a video
+    fold_lora_scale: bool = True                        # False: export_lora gets unscaled weights, writes alpha
 
     def __init__(self, tiny: bool = False, dtype: str = "bfloat16", transformer_dtype: Optional[str] = None,
                  timestep_sample_method: str = "logit_normal", sigmoid_scale: float = 1.0,
                  shift: Optional[float] = None, flux_shift: bool = False, min_t: float = 0.0, max_t: float = 1.0,
-                 activation_checkpointing: bool = False, adapter: Optional[DictConfig] = None,
+                 activation_checkpointing: bool | str = False, blocks_to_swap: int = 0,
+                 adapter: Optional[DictConfig] = None,
                  optimizer: Optional[DictConfig] = None, scheduler: Optional[DictConfig] = None,
                  eval_names: tuple[str, ...] = (), seed: int = 0):
         super().__init__()
@@ -52,13 +69,17 @@ class DiffusionModule(LightningModule, ABC):
         self.compute_dtype = DTYPES[dtype]
         self.storage_dtype = DTYPES[transformer_dtype] if transformer_dtype else None
         self.timesteps = TimestepSampler(timestep_sample_method, sigmoid_scale, shift, flux_shift, min_t, max_t)
+        self.noise_schedule = FlowMatching()  # a family training another objective sets its own (SDXL: DDPM)
         self.activation_checkpointing = activation_checkpointing
+        self.blocks_to_swap = blocks_to_swap
+        self.block_swap: Optional[BlockSwap] = None
         self.adapter_cfg = adapter
         self.optimizer_cfg = optimizer
         self.scheduler_cfg = scheduler
         self.eval_names = tuple(eval_names)
         self.seed = seed
         self.denoiser: Optional[torch.nn.Module] = None
+        self.text_encoders = torch.nn.ModuleDict()  # the ones that train (load_text_encoders)
         self.strict_loading = False  # checkpoints hold trainable weights only; the base comes from disk
 
     # --- family contract: methods
@@ -75,74 +96,138 @@ class DiffusionModule(LightningModule, ABC):
 
     @abstractmethod
     def predict(self, noisy_latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Run the denoiser; returns a prediction shaped like the latents."""
+        """Run the denoiser; returns a prediction shaped like the latents. A family whose encoders cache
+        conditioning beside the latents (see CacheEncoders.encode_images) also takes it as `cond=`."""
 
     @abstractmethod
     def export_lora(self, lora_state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
-        """Write the LoRA (diffusers module names, lora_A/lora_B, scale baked in) in the family's format."""
+        """Write the LoRA (diffusers module names, lora_A/lora_B, scale baked in unless fold_lora_scale is
+        False; a trained text encoder's keys under '<part name>.') in the family's format."""
 
     @abstractmethod
     def export_full(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
-        """Write a full fine-tune of the denoiser in the family's consumer format(s)."""
+        """Write a full fine-tune (the denoiser's keys bare, a trained text encoder's under '<part name>.') in
+        the family's consumer format(s)."""
+
+    def load_text_encoders(self) -> dict[str, torch.nn.Module]:
+        """Text encoders that train with the denoiser, by part name (SDXL); their captions are cached as token
+        ids, not embeddings. Default: none."""
+        return {}
+
+    def part_learning_rates(self) -> dict[str, Optional[float]]:
+        """Learning rate per part ("denoiser" and the text encoders' names): None (or absent) = the optimizer's
+        lr; 0 freezes the part (no LoRA, no gradients)."""
+        return {}
+
+    def conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """What `predict` receives as `text`: the cached text tensors, floating ones in the compute dtype. A family
+        adds what it derives per batch (SDXL: the size/crop micro-conditioning from the batch geometry)."""
+        return self._to_compute(batch["text"])
 
     def image_seq_len(self, latents: torch.Tensor) -> int:
         """Tokens the denoiser sees for these latents (drives flux_shift)."""
         return latents.shape[-2] * latents.shape[-1] // 4
-
-    def training_target(self, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return noise - latents
 
     # --- model setup
     @property
     def is_lora(self) -> bool:
         return self.adapter_cfg is not None and self.adapter_cfg.type == "lora"
 
+    @property
+    def lora_alpha(self) -> float:
+        return self.adapter_cfg.alpha or self.adapter_cfg.rank
+
+    def model_parts(self) -> dict[str, torch.nn.Module]:
+        """The denoiser and the text encoders that train with it, by part name."""
+        return {"denoiser": self.denoiser, **self.text_encoders}
+
     def configure_model(self) -> None:
         if self.denoiser is not None:
             return
-        denoiser = self.load_denoiser()
-        denoiser.train()
-        denoiser.requires_grad_(not self.is_lora)
-        if self.is_lora:
-            self._add_lora(denoiser)
+        denoiser = self._prepare_part("denoiser", self.load_denoiser())
         if self.storage_dtype is not None:
             # The hook directly, not model.enable_layerwise_casting: that also skips every module whose name
             # contains "norm" (all of Flux's modulation linears), where the family's own list should decide.
             apply_layerwise_casting(denoiser, storage_dtype=self.storage_dtype, compute_dtype=self.compute_dtype,
                                     skip_modules_pattern=(*self.keep_in_high_precision, "lora_"))
-        if self.activation_checkpointing:
-            denoiser.enable_gradient_checkpointing()
         self.denoiser = denoiser
+        if self.blocks_to_swap:
+            self.block_swap = self._swap_blocks()
+        if self.activation_checkpointing:
+            recompute_context = self.block_swap.recompute if self.block_swap else nullcontext
+            denoiser.enable_gradient_checkpointing(partial(
+                checkpoint_block, offload=self.activation_checkpointing == "offload",
+                recompute_context=recompute_context))
+        for name, encoder in self.load_text_encoders().items():
+            self.text_encoders[name] = self._prepare_part(name, encoder)
 
-    def lora_target_modules(self, denoiser: torch.nn.Module) -> list[str]:
+    def blocks(self) -> list[torch.nn.Module]:
+        """The denoiser's transformer blocks in the order they run (block swap); empty where the family lists
+        none (block_lists), and the block features refuse to run."""
+        return [block for name in self.block_lists for block in getattr(self.denoiser, name)]
+
+    def _swap_blocks(self) -> BlockSwap:
+        blocks, count = self.blocks(), self.blocks_to_swap
+        key = f"model.blocks_to_swap={count}"
+        if not blocks:
+            raise ConfigError(f"{key}: {type(self).__name__} does not list its transformer blocks (block_lists), "
+                              f"so none can be swapped. Use model.blocks_to_swap=0.")
+        if count > len(blocks) - 2:
+            raise ConfigError(f"{key} is too large: this model has {len(blocks)} transformer blocks, and at most "
+                              f"{len(blocks) - 2} (blocks - 2) can be swapped.")
+        return BlockSwap(blocks, count)
+
+    def _apply(self, fn, recurse=True):
+        # Moving the module (Lightning's module.to(device)) leaves the swapped blocks' weights in CPU memory.
+        if self.block_swap is None:
+            return super()._apply(fn, recurse)
+        with self.block_swap.kept_in_place():
+            return super()._apply(fn, recurse)
+
+    def _prepare_part(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
+        trains = self.part_learning_rates().get(name) != 0
+        module.train(trains)
+        module.requires_grad_(trains and not self.is_lora)
+        if trains and self.is_lora:
+            self._add_lora(module)
+        return module
+
+    def lora_target_modules(self, model: torch.nn.Module) -> list[str]:
         targets = []
-        for block_name, block in denoiser.named_modules():
+        for block_name, block in model.named_modules():
             if type(block).__name__ in self.lora_target_blocks:
                 targets += [f"{block_name}.{name}" for name, m in block.named_modules()
                             if isinstance(m, torch.nn.Linear)]
         return targets
 
-    def _add_lora(self, denoiser: torch.nn.Module) -> None:
+    def _add_lora(self, model: torch.nn.Module) -> None:
         cfg = self.adapter_cfg
-        config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, lora_dropout=cfg.dropout,
-                            target_modules=self.lora_target_modules(denoiser), init_lora_weights=True)
+        config = LoraConfig(r=cfg.rank, lora_alpha=self.lora_alpha, lora_dropout=cfg.dropout,
+                            target_modules=self.lora_target_modules(model), init_lora_weights=True)
         with torch.random.fork_rng():  # LoRA init must not depend on what consumed the global RNG before
             torch.manual_seed(self.seed)
-            denoiser.add_adapter(config)
-        for name, param in denoiser.named_parameters():
+            model.add_adapter(config)
+        for name, param in model.named_parameters():
             if "lora_" in name:
                 param.data = param.data.to(DTYPES[cfg.dtype])
 
     # --- training
     def forward_loss(self, batch: dict[str, Any], t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         latents = batch["latents"].to(self.compute_dtype)
+        noise = noise.to(latents.device, self.compute_dtype)
         t = t.to(latents.device)
-        expand = t.view(-1, *([1] * (latents.ndim - 1))).to(self.compute_dtype)
-        noisy = (1 - expand) * latents + expand * noise.to(self.compute_dtype)
-        text = {k: v.to(self.compute_dtype) if v.is_floating_point() else v for k, v in batch["text"].items()}
-        prediction = self.predict(noisy, t.to(self.compute_dtype), text)
-        target = self.training_target(latents, noise.to(self.compute_dtype))
-        return F.mse_loss(prediction.float(), target.float())
+        schedule = self.noise_schedule
+        extra = {"cond": self._to_compute(batch["cond"])} if "cond" in batch else {}
+        prediction = self.predict(schedule.add_noise(latents, noise, t), self._denoiser_timesteps(t),
+                                  self.conditioning(batch), **extra)
+        return weighted_mse(prediction, schedule.target(latents, noise, t), schedule.loss_weights(t))
+
+    def _denoiser_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        timesteps = self.noise_schedule.denoiser_timesteps(t)
+        return timesteps.to(self.compute_dtype) if timesteps.is_floating_point() else timesteps
+
+    def _to_compute(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.compute_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         latents = batch["latents"]
@@ -177,18 +262,23 @@ class DiffusionModule(LightningModule, ABC):
         self.log(f"{name}/loss", torch.stack(losses).mean(), add_dataloader_idx=False, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        norms = grad_norm(self.denoiser, norm_type=2)
+        norms = grad_norm(self, norm_type=2)
         if norms:
             self.log("train/grad_norm", norms["grad_2.0_norm_total"])
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for param in self.trainable_parameters():
-            (no_decay if param.ndim <= 1 else decay).append(param)
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = instantiate(self.optimizer_cfg)([g for g in groups if g["params"]])
+        lrs = self.part_learning_rates()
+        groups = [g for name, part in self.model_parts().items() for g in _param_groups(part, lrs.get(name))]
+        optimizer = self._make_optimizer([g for g in groups if g["params"]])
         scheduler = instantiate(self.scheduler_cfg)(optimizer, total_steps=self.total_optimizer_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        optimizer_kwargs = [k for k in self.optimizer_cfg if k != "gradient_release"]
+        make_optimizer = instantiate(OmegaConf.masked_copy(self.optimizer_cfg, optimizer_kwargs))
+        if self.optimizer_cfg.get("gradient_release"):
+            return GradientReleaseOptimizer(groups, make_optimizer, self.trainer.accumulate_grad_batches)
+        return make_optimizer(groups)
 
     def total_optimizer_steps(self) -> int:
         # Not trainer.estimated_stepping_batches: calling it here sets up the train loader before a resumed
@@ -212,17 +302,43 @@ class DiffusionModule(LightningModule, ABC):
         if self.is_lora:
             self.export_lora(self.lora_state_dict(dtype), out_dir)
         else:
-            state = self.denoiser.state_dict()
+            state = {_part_prefix(name) + key: tensor for name, part in self.model_parts().items()
+                     for key, tensor in part.state_dict().items()}
             self.export_full({k: v.to(dtype) if dtype else v for k, v in state.items()}, out_dir)
 
     def lora_state_dict(self, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
-        """PEFT LoRA weights under diffusers module names, with alpha/rank folded into lora_B so every consumer
-        (diffusers, ComfyUI, kohya loaders) applies the trained scale without reading any metadata."""
-        state = get_peft_model_state_dict(self.denoiser, adapter_name="default")
-        scale = (self.adapter_cfg.alpha or self.adapter_cfg.rank) / self.adapter_cfg.rank
+        """PEFT LoRA weights of every part that has one, under diffusers/transformers module names (a text
+        encoder's under '<part name>.'). With fold_lora_scale, alpha/rank is folded into lora_B so every consumer
+        (diffusers, ComfyUI, kohya loaders) applies the trained scale without reading any metadata; without it
+        the weights are as trained and the family's format carries alpha (kohya's .alpha tensors)."""
+        scale = self.lora_alpha / self.adapter_cfg.rank if self.fold_lora_scale else 1.0
         out = {}
-        for key, tensor in state.items():
-            tensor = tensor.detach() * scale if ".lora_B." in key else tensor.detach()
-            out[key] = tensor.to(dtype or tensor.dtype).contiguous()
+        for name, part in self.model_parts().items():
+            if not any(isinstance(m, BaseTunerLayer) for m in part.modules()):
+                continue  # a frozen part
+            for key, tensor in get_peft_model_state_dict(part, adapter_name="default").items():
+                tensor = tensor.detach() * scale if ".lora_B." in key else tensor.detach()
+                out[_part_prefix(name) + key] = tensor.to(dtype or tensor.dtype).contiguous()
         return out
+
+
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor,
+                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The mean over samples of each sample's MSE, times its weight when the schedule gives weights."""
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample)
+    return per_sample.mean()
+
+
+def _param_groups(part: torch.nn.Module, lr: Optional[float]) -> list[dict[str, Any]]:
+    """A part's trainable parameters: decayed matrices, undecayed biases and norms, at the part's lr if set."""
+    own_lr = {} if lr is None else {"lr": lr}
+    params = [p for p in part.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim > 1], **own_lr},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, **own_lr}]
+
+
+def _part_prefix(name: str) -> str:
+    return "" if name == "denoiser" else f"{name}."
 

@@ -57,6 +57,7 @@ class GuidanceBypass(torch.nn.Module):
 class FluxModule(DiffusionModule):
     cache_name = "flux"
     lora_target_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
     keep_in_high_precision = (r"^time_text_embed", r"^context_embedder$", r"^x_embedder$", r"^proj_out$",
                               r"^norm_out")
     pixels_round_to_multiple = 16  # VAE factor 8 x 2x2 patches

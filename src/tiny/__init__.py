@@ -19,15 +19,20 @@ CACHE_ENV = "DIFFTRAIN_TINY_DIR"
 DEFAULT_CACHE_ROOT = Path("~/.cache/difftrain/tiny")
 
 
-def _lazy_builder(module: str) -> Callable[[Path], None]:
+def _lazy_builder(module: str, function: str = "build") -> Callable[[Path], None]:
     def build(out_dir: Path) -> None:
-        importlib.import_module(module).build(out_dir)
+        getattr(importlib.import_module(module), function)(out_dir)
 
     return build
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "flux": _lazy_builder("src.tiny.flux"),
+    "sdxl": _lazy_builder("src.tiny.sdxl"),
+    "wan21_t2v": _lazy_builder("src.tiny.wan", "build_wan21_t2v"),
+    "wan21_i2v": _lazy_builder("src.tiny.wan", "build_wan21_i2v"),
+    "wan22_a14b": _lazy_builder("src.tiny.wan", "build_wan22_a14b"),
+    "wan22_5b": _lazy_builder("src.tiny.wan", "build_wan22_5b"),
 }
 
 

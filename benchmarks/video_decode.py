@@ -1,0 +1,76 @@
+"""Clips per second of video decode + preprocess (PyAV decode, framerate resampling, resize, centre crop) for the
+bundled example videos, with 1 vs 2 decoding worker processes (dataset.cache_workers).
+
+The clips are the ones the real datamodule plans for `model=wan22_low dataset=videos` (its `_plan`: scan, frame
+bucket, clip mode, at --resolution), repeated --repeat times; each is produced by the real `MediaToEncode`
+(`load_video`) through the same DataLoader the cache fill uses, minus the VAE. Runs alternate the order of the
+worker counts across trials, after one untimed warm-up. See benchmarks/README.md."""
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from _common import add_threads_option, compose_config, default_device, limit_cpu_threads, median, print_table, quiet
+
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader
+
+from src.datamodules.cache import EmbeddingCache
+from src.datamodules.datamodule import MediaToEncode, Sample
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeat", type=int, default=16, help="passes over the example clips per run (4 clips each)")
+    p.add_argument("--resolution", type=int, default=256, help="bucket side the clips are resized/cropped to")
+    p.add_argument("--clip-mode", default="multiple_overlapping", help="dataset.video_clip_mode")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="decoding worker processes to compare")
+    p.add_argument("--trials", type=int, default=3, help="runs per worker count; the order alternates")
+    add_threads_option(p)
+    return p.parse_args()
+
+
+def planned_clips(args: argparse.Namespace, work_dir: Path) -> list[Sample]:
+    """The clips the real datamodule plans for the example videos (no encoder is loaded)."""
+    cfg = compose_config(work_dir / "run", "model=wan22_low", "model.tiny=true", "dataset=videos",
+                         f"dataset.resolutions=[{args.resolution}]", f"dataset.video_clip_mode={args.clip_mode}")
+    datamodule = instantiate(cfg.dataset, seed=cfg.seed, _convert_="all")
+    module = instantiate(cfg.model, adapter=cfg.adapter, optimizer=cfg.optimizer, scheduler=cfg.scheduler,
+                         _recursive_=False)
+    samples = datamodule._plan(datamodule.directories, EmbeddingCache(work_dir / "cache"), "bench", "bench", module,
+                               repeat=False)
+    return samples * args.repeat
+
+
+def clips_per_second(samples: list[Sample], workers: int) -> float:
+    loader = DataLoader(MediaToEncode(samples), batch_size=None, num_workers=workers)
+    start = time.perf_counter()
+    frames = sum(pixels.shape[1] for _, pixels in loader)
+    seconds = time.perf_counter() - start
+    assert frames == sum(len(s.frames) for s in samples)
+    return len(samples) / seconds
+
+
+def main() -> None:
+    args = parse_args()
+    quiet()
+    limit_cpu_threads(args.threads, default_device())
+    with tempfile.TemporaryDirectory(prefix="bench-video-") as tmp:
+        samples = planned_clips(args, Path(tmp))
+    clips_per_second(samples[:4], args.workers[0])  # warm-up: imports, codec setup
+    speed = {w: [] for w in args.workers}
+    for trial in range(args.trials):
+        for workers in args.workers if trial % 2 == 0 else args.workers[::-1]:
+            speed[workers].append(clips_per_second(samples, workers))
+            print(f"trial {trial + 1}: workers={workers}  {speed[workers][-1]:.1f} clips/s", flush=True)
+    frames = sum(len(s.frames) for s in samples) / len(samples)
+    print_table(f"Decoding {len(samples)} clips ({frames:.1f} frames each on average) of the example videos at "
+                f"{args.resolution}px", ["workers", "runs", "clips/s (median)"],
+                [[w, len(v), median(v)] for w, v in speed.items()])
+    base = args.workers[0]
+    for workers in args.workers[1:]:
+        print(f"\nratio clips/s workers={workers} / workers={base}: {median(speed[workers]) / median(speed[base]):.3f}")
+
+
+if __name__ == "__main__":
+    main()
