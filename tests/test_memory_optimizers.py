@@ -116,3 +116,14 @@ def test_optimizer_configs_train(make_config, optimizer):
     result = run(make_config("dataset.resolutions=[64]", "trainer.max_steps=2", f"optimizer={optimizer}"))
     assert torch.isfinite(result.trainer.callback_metrics["train/loss"])
     assert any(p.abs().sum() > 0 for n, p in result.module.denoiser.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("recipe,tiny_overrides", [
+    ("flux_24gb", ("model.blocks_to_swap=2",)),  # the tiny Flux has 4 blocks
+    ("sdxl_fft_24gb", ()),
+])
+def test_low_vram_recipes_train_at_tiny_size(make_config, recipe, tiny_overrides):
+    result = run(make_config(f"experiment={recipe}", "model.tiny=true", "dataset.resolutions=[64]",
+                             "trainer.max_steps=2", *tiny_overrides))
+    assert result.trainer.global_step == 2
+    assert torch.isfinite(result.trainer.callback_metrics["train/loss"])
