@@ -1,7 +1,8 @@
-"""Block swap and activation checkpointing on CPU, with the tiny Flux (2 double + 2 single blocks): the swap
-schedule (which block is loaded and evicted when, forward and backward), unchanged numbers (loss, LoRA gradients,
-the trained export) with swapping and with plain or offloaded checkpointing, and the config mistakes they refuse.
-Without CUDA every copy is a no-op; tests/test_block_swap_gpu.py checks the real moves."""
+"""Block swap and activation checkpointing on CPU, with the tiny Flux (2 double + 2 single blocks; one test uses
+a variant with 6 single blocks): the swap schedule (which block is loaded and evicted when, forward and
+backward), unchanged numbers (loss, LoRA gradients, the trained export) with swapping and with plain or offloaded
+checkpointing, and the config mistakes they refuse. Without CUDA every copy is a no-op;
+tests/test_block_swap_gpu.py checks the real moves."""
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
@@ -70,9 +71,9 @@ def train_step(module):
     """(loss, LoRA gradients) of one forward and backward."""
     loss = loss_of(module)
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in module.denoiser.named_parameters() if "lora_" in n}
+    grads = {n: p.grad for n, p in module.denoiser.named_parameters() if "lora_" in n}
     assert grads and all(g is not None for g in grads.values())
-    return loss.detach(), grads
+    return loss.detach(), {n: g.clone() for n, g in grads.items()}
 
 
 def record_schedule(module):
@@ -227,7 +228,7 @@ def test_valid_checkpointing_modes_pass_validation(make_config, checkpointing):
 
 
 def test_more_blocks_than_the_model_can_spare_is_refused(make_config):
-    with pytest.raises(ConfigError, match=r"model.blocks_to_swap=3 is too large: .* 4 transformer blocks, and at most 2"):
+    with pytest.raises(ConfigError, match=r"blocks_to_swap=3 is too large: .* 4 transformer blocks, and at most 2"):
         build_module(make_config, "model.blocks_to_swap=3")
 
 
