@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 
 from src.utils.atomic import save_safetensors
 
+from .single_file import build_with_weights, preview
+
 StateDict = dict[str, torch.Tensor]
 # Given the fused weight's shape, the row count of each part, in concatenation order.
 Splitter = Callable[[torch.Size], list[int]]
@@ -142,16 +144,11 @@ def _split(key: str, tensor: torch.Tensor, sizes: list[int]) -> tuple[torch.Tens
     return tensor.split(sizes)
 
 
-def _preview(keys: list[str], limit: int = 10) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown if len(keys) <= limit else f"{shown}, ... ({len(keys)} in total)"
-
-
 def _require_consumed(remaining: Mapping[str, torch.Tensor], layout: str) -> None:
     if remaining:
         raise ValueError(
             f"unmapped {layout} Flux transformer keys (unknown, or part of an incomplete fused group): "
-            f"{_preview(sorted(remaining))}"
+            f"{preview(sorted(remaining))}"
         )
 
 
@@ -183,7 +180,7 @@ def bfl_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     scaled = sorted(key for key in remaining if key.endswith(_FP8_SCALE_SUFFIXES))
     if scaled:
         raise ValueError(
-            f"fp8-scaled Flux checkpoints are not supported (found {_preview(scaled, limit=3)}); "
+            f"fp8-scaled Flux checkpoints are not supported (found {preview(scaled, limit=3)}); "
             "use a bf16/fp16/fp32 BFL file"
         )
     renames, fused = _plan(_block_ids(remaining, "double_blocks"), _block_ids(remaining, "single_blocks"))
@@ -213,22 +210,6 @@ def _transformer_config(config_source: Mapping | str | os.PathLike) -> tuple[dic
     return FluxTransformer2DModel.load_config(folder, subfolder="transformer"), folder
 
 
-def _check_matches(expected: Mapping[str, torch.Tensor], state_dict: StateDict, path: str, config_name: str) -> None:
-    missing = sorted(expected.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - expected.keys())
-    wrong_shape = sorted(
-        f"{key} {tuple(state_dict[key].shape)} vs {tuple(expected[key].shape)}"
-        for key in expected.keys() & state_dict.keys()
-        if state_dict[key].shape != expected[key].shape
-    )
-    if missing or unexpected or wrong_shape:
-        raise ValueError(
-            f"transformer_path {path} does not match the transformer config of {config_name}: "
-            f"missing [{_preview(missing)}], unexpected [{_preview(unexpected)}], "
-            f"wrong shape (file vs config) [{_preview(wrong_shape)}]"
-        )
-
-
 def load_bfl_transformer(
     path: str, config_source: Mapping | str | os.PathLike, torch_dtype: torch.dtype
 ) -> FluxTransformer2DModel:
@@ -239,16 +220,9 @@ def load_bfl_transformer(
         state_dict = bfl_to_diffusers(load_file(path))
     except (OSError, SafetensorError, ValueError) as error:
         raise ValueError(f"cannot load the BFL Flux transformer {path}: {error}") from error
-    # On the meta device nothing is initialised; assign=True makes the loaded tensors the parameters.
-    with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config(config)
-    _check_matches(model.state_dict(), state_dict, path, config_name)
-    # Cast tensor by tensor rather than with model.to(), which needs no second copy of the
-    # model and avoids diffusers' warning about casting a loaded model.
-    for key in state_dict:
-        state_dict[key] = state_dict[key].to(torch_dtype)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model
+    # Nothing is initialised and no second copy of the weights is made (see build_with_weights).
+    return build_with_weights(FluxTransformer2DModel, config, state_dict, torch_dtype, f"transformer_path {path}",
+                              f"the transformer config of {config_name}")
 
 
 def save_bfl_transformer(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor], path: str) -> None:

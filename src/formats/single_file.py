@@ -52,7 +52,7 @@ def refuse_fp8_scaled(state_dict: Mapping[str, torch.Tensor], path: str | Path) 
                          f"storage while training.")
 
 
-def preview(keys: Iterable[str], limit: int = 8) -> str:
+def preview(keys: Iterable[str], limit: int = 10) -> str:
     keys = list(keys)
     shown = ", ".join(keys[:limit])
     return shown if len(keys) <= limit else f"{shown}, ... ({len(keys)} in total)"
@@ -67,7 +67,7 @@ def check_matches(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str,
                          for key in expected.keys() & state_dict.keys()
                          if state_dict[key].shape != expected[key].shape)
     if missing or unexpected or wrong_shape:
-        raise ValueError(f"{path} does not hold {what}: missing [{preview(missing)}], unexpected "
+        raise ValueError(f"{path} does not match {what}: missing [{preview(missing)}], unexpected "
                          f"[{preview(unexpected)}], wrong shape (file vs model) [{preview(wrong_shape)}]")
 
 
