@@ -9,7 +9,7 @@ import statistics
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -85,6 +85,25 @@ def _format(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def interleaved_trials(settings: Sequence[Any], trials: int, measure: Callable[[Any, int], float],
+                       unit: str) -> dict[Any, list[float]]:
+    """Measures every setting once per trial, alternating the order so that each sees the same load."""
+    results = {setting: [] for setting in settings}
+    for trial in range(trials):
+        for setting in settings if trial % 2 == 0 else settings[::-1]:
+            results[setting].append(measure(setting, trial))
+            print(f"trial {trial + 1}: {setting}: {results[setting][-1]:.2f} {unit}", flush=True)
+    return results
+
+
+def print_ratios(results: dict[Any, list[float]], what: str) -> None:
+    """Median of each setting over the first one's."""
+    settings = list(results)
+    for setting in settings[1:]:
+        ratio = median(results[setting]) / median(results[settings[0]])
+        print(f"\nratio {what} {setting} / {settings[0]}: {ratio:.3f}")
 
 
 def verdict(ratio: float, target: float, lower_is_better: bool = True) -> str:

@@ -75,25 +75,22 @@ def train(devices: int, args: argparse.Namespace, work: Path, name: str) -> dict
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
-    from _common import median, print_table
+    from _common import interleaved_trials, median, print_ratios, print_table
 
     args = parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
         work = Path(tmp)
         train(1, argparse.Namespace(**{**vars(args), "steps": 0}), work, "fill-cache")
-        speed = {p: [] for p in args.processes}
-        for trial in range(args.trials):
-            for processes in args.processes if trial % 2 == 0 else args.processes[::-1]:
-                run = train(processes, args, work, f"p{processes}-t{trial}")
-                speed[processes].append(run["steps"] * run["world_size"] / run["seconds"])  # batch_size 1
-                print(f"trial {trial + 1}: {processes} process(es): {speed[processes][-1]:.2f} samples/s", flush=True)
+
+        def samples_per_second(processes: int, trial: int) -> float:
+            run = train(processes, args, work, f"p{processes}-t{trial}")
+            return run["steps"] * run["world_size"] / run["seconds"]  # batch_size 1
+
+        speed = interleaved_trials(args.processes, args.trials, samples_per_second, "samples/s")
     print_table(f"wan22_low tiny LoRA, example videos at {args.resolution}px, batch 1 per process, "
                 f"{args.steps - args.warmup} timed steps", ["processes", "runs", "samples/s (median)"],
                 [[p, len(v), median(v)] for p, v in speed.items()])
-    base = args.processes[0]
-    for processes in args.processes[1:]:
-        print(f"\nratio samples/s {processes} processes / {base}: {median(speed[processes]) / median(speed[base]):.3f}")
-
+    print_ratios(speed, "samples/s, processes")
 
 if __name__ == "__main__":
     main()

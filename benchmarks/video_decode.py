@@ -10,7 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import add_threads_option, compose_config, default_device, limit_cpu_threads, median, print_table, quiet
+from _common import (add_threads_option, compose_config, default_device, interleaved_trials, limit_cpu_threads, median,
+                     print_ratios, print_table, quiet)
 
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
@@ -58,19 +59,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-video-") as tmp:
         samples = planned_clips(args, Path(tmp))
     clips_per_second(samples[:4], args.workers[0])  # warm-up: imports, codec setup
-    speed = {w: [] for w in args.workers}
-    for trial in range(args.trials):
-        for workers in args.workers if trial % 2 == 0 else args.workers[::-1]:
-            speed[workers].append(clips_per_second(samples, workers))
-            print(f"trial {trial + 1}: workers={workers}  {speed[workers][-1]:.1f} clips/s", flush=True)
+    speed = interleaved_trials(args.workers, args.trials, lambda workers, _: clips_per_second(samples, workers),
+                               "clips/s")
     frames = sum(len(s.frames) for s in samples) / len(samples)
     print_table(f"Decoding {len(samples)} clips ({frames:.1f} frames each on average) of the example videos at "
                 f"{args.resolution}px", ["workers", "runs", "clips/s (median)"],
                 [[w, len(v), median(v)] for w, v in speed.items()])
-    base = args.workers[0]
-    for workers in args.workers[1:]:
-        print(f"\nratio clips/s workers={workers} / workers={base}: {median(speed[workers]) / median(speed[base]):.3f}")
-
+    print_ratios(speed, "clips/s, workers")
 
 if __name__ == "__main__":
     main()

@@ -18,12 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, get_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from .noise_schedules import FlowMatching
 from src.config.validate import ConfigError
 from src.optim.gradient_release import GradientReleaseOptimizer
 
 from .block_swap import BlockSwap
 from .checkpointing import checkpoint_block
+from .noise_schedules import FlowMatching
 from .timesteps import TimestepSampler
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
