@@ -28,6 +28,8 @@ MISTAKES = {
                                         ["dataset.directories[0].num_repeats='many'", "expected int or null"]),
     "directory entry without path": (["dataset.directories=[{num_repeats: 2}]"],
                                      ["dataset.directories[0].path is required"]),
+    "CLIP folder for a Wan without CLIP": (["model=wan22_low_i2v", "model.tiny=true", f"model.clip_path={ROOT}"],
+                                           ["model.clip_path", "no CLIP image encoder", "Unset model.clip_path"]),
 }
 
 

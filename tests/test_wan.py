@@ -1,6 +1,8 @@
 """Wan 2.1 / 2.2 through the real trainer, with real consumers: every variant's ComfyUI LoRA is loaded by diffusers'
-WanPipeline and reproduces our trained transformer; a full fine-tune round-trips through diffusers' single-file
-loader; the key maps agree with diffusers' own converters; fp8 storage; ComfyUI single files as inputs."""
+WanPipeline / WanImageToVideoPipeline (A14B: into its own expert) and reproduces our trained transformer; a full
+fine-tune round-trips through diffusers' single-file loader; the key maps agree with diffusers' own converters; fp8
+storage; ComfyUI single files as inputs; the tiny A14B checkpoints (T2V, I2V) rebuild byte-identical."""
+import json
 import re
 
 import pytest
@@ -11,21 +13,26 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from src.config.schema import WAN_CLIP_VARIANTS, WAN_VARIANTS
 from src.formats import wan as formats
 from src.modules.wan import FULL_FILE, LORA_FILE, VARIANTS
 from src.tiny import tiny_model_dir
 from src.tiny import wan as tiny_wan
 from src.training import run
+from tests.conftest import ROOT
 
 FAST = ("dataset=videos", "model.tiny=true", "model.dtype=float32", "model.max_sequence_length=16",
         "trainer.max_steps=2", "checkpoint_every_n_steps=null", "dataset.frame_buckets=[1,17]")
 COMFY_WAN_BLOCK_LINEAR = re.compile(r"^blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.([qkvo]|k_img|v_img)|ffn\.[02])$")
-# The consumer each variant's LoRA is made for, and the pipeline slot holding the trained expert.
-CONSUMERS = {"wan21_t2v": (WanPipeline, "transformer"), "wan21_i2v": (WanImageToVideoPipeline, "transformer"),
-             "wan22_low": (WanPipeline, "transformer_2"), "wan22_high": (WanPipeline, "transformer"),
-             "wan22_5b": (WanPipeline, "transformer")}
-EXPERT_FILES = {"high_noise_model": "comfyui/wan2.2_t2v_high_noise_tiny.safetensors",
-                "low_noise_model": "comfyui/wan2.2_t2v_low_noise_tiny.safetensors"}
+# The consumer each variant's LoRA is made for, the pipeline slot holding the trained expert, and the A14B
+# pipelines' boundary_ratio (diffusers' transformer = high-noise expert for t >= boundary, transformer_2 = low-noise).
+CONSUMERS = {"wan21_t2v": (WanPipeline, "transformer", None),
+             "wan21_i2v": (WanImageToVideoPipeline, "transformer", None),
+             "wan22_low": (WanPipeline, "transformer_2", 0.875), "wan22_high": (WanPipeline, "transformer", 0.875),
+             "wan22_low_i2v": (WanImageToVideoPipeline, "transformer_2", 0.9),
+             "wan22_high_i2v": (WanImageToVideoPipeline, "transformer", 0.9),
+             "wan22_5b": (WanPipeline, "transformer", None)}
+EXPERT_SLOTS = {"high_noise_model": "transformer", "low_noise_model": "transformer_2"}
 
 
 def train(make_config, variant, *overrides, run_name="run"):
@@ -57,12 +64,17 @@ def fresh_from_diffusers(native_file, config, tmp_path) -> WanTransformer3DModel
                                                   torch_dtype=torch.float32)
 
 
+def expert_file(variant: str, expert: str) -> str:
+    """The tiny A14B checkpoint's ComfyUI single file of one expert, named like Comfy-Org's repackaged files."""
+    task = "i2v" if VARIANTS[variant].i2v else "t2v"
+    return f"comfyui/wan2.2_{task}_{expert.removesuffix('_model')}_tiny.safetensors"
+
+
 def base_native_files(variant: str) -> dict[str, object]:
     """Pipeline slot -> the tiny checkpoint's transformer file for that slot."""
     root = tiny_model_dir(VARIANTS[variant].tiny)
     if VARIANTS[variant].expert:
-        return {"transformer": root / EXPERT_FILES["high_noise_model"],
-                "transformer_2": root / EXPERT_FILES["low_noise_model"]}
+        return {slot: root / expert_file(variant, expert) for expert, slot in EXPERT_SLOTS.items()}
     return {"transformer": root / "diffusion_pytorch_model.safetensors"}
 
 
@@ -85,11 +97,16 @@ def test_comfyui_lora_loads_in_diffusers_and_reproduces_the_trained_transformer(
     with safe_open(lora_file, "pt") as f:
         assert f.metadata() == {"format": "pt"}
 
-    pipeline_cls, slot = CONSUMERS[variant]
+    pipeline_cls, slot, boundary = CONSUMERS[variant]
+    if VARIANTS[variant].expert:  # trained on the part of the schedule the pipeline gives this expert
+        assert EXPERT_SLOTS[VARIANTS[variant].expert] == slot
+        trained_range = (result.module.timesteps.min_t, result.module.timesteps.max_t)
+        assert trained_range == ((boundary, 1.0) if slot == "transformer" else (0.0, boundary))
     parts = {s: fresh_from_diffusers(path, ours.config, tmp_path / s) for s, path in base_native_files(variant).items()}
     untouched = {s: output(m) for s, m in parts.items() if s != slot}
     pipe = pipeline_cls(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(),
-                        **parts)
+                        **parts, **({"boundary_ratio": boundary} if boundary else {}))
+    assert pipe.config.boundary_ratio == boundary
     base = output(pipe.components[slot])
     pipe.load_lora_weights(str(lora_file), load_into_transformer_2=slot == "transformer_2")
 
@@ -101,7 +118,7 @@ def test_comfyui_lora_loads_in_diffusers_and_reproduces_the_trained_transformer(
         torch.testing.assert_close(output(pipe.components[other]), before)
 
 
-@pytest.mark.parametrize("variant", ["wan21_i2v", "wan22_5b"])
+@pytest.mark.parametrize("variant", ["wan21_i2v", "wan22_low_i2v", "wan22_high_i2v", "wan22_5b"])
 def test_full_finetune_exports_a_comfyui_file_diffusers_loads_with_identical_weights(make_config, variant):
     result = train(make_config, variant, "adapter=none", "optimizer.lr=1e-3")
     trained = result.module.denoiser.state_dict()
@@ -113,16 +130,18 @@ def test_full_finetune_exports_a_comfyui_file_diffusers_loads_with_identical_wei
     reloaded = WanTransformer3DModel.from_single_file(str(result.final_export / FULL_FILE),
                                                       config=str(result.final_export), subfolder="transformer",
                                                       local_files_only=True, torch_dtype=torch.float32).state_dict()
-    original = formats.load_transformer(base_native_files(variant)["transformer"], torch.float32, 2).state_dict()
+    original = formats.load_transformer(base_native_files(variant)[CONSUMERS[variant][1]], torch.float32, 2)
+    original = original.state_dict()
     assert any(not torch.equal(trained[k], original[k]) for k in trained), "full fine-tune changed no weight"
     assert reloaded.keys() == trained.keys()
     for key, tensor in trained.items():
         assert torch.equal(reloaded[key], tensor), key
 
 
-@pytest.mark.parametrize("variant", ["wan21_t2v", "wan21_i2v"])
-def test_transformer_key_map_agrees_with_diffusers_converter(variant):
-    model = formats.load_transformer(tiny_model_dir(variant), torch.float32, 2)
+@pytest.mark.parametrize("tiny,subfolder", [("wan21_t2v", ""), ("wan21_i2v", ""),
+                                            ("wan22_a14b_i2v", "low_noise_model")])
+def test_transformer_key_map_agrees_with_diffusers_converter(tiny, subfolder):
+    model = formats.load_transformer(tiny_model_dir(tiny) / subfolder, torch.float32, 2)
     native = formats.transformer_to_native(model.state_dict())
     assert native.keys() >= {"blocks.0.self_attn.q.weight", "blocks.0.cross_attn.o.weight", "blocks.0.ffn.0.weight",
                              "blocks.0.norm3.weight", "blocks.0.modulation", "head.head.weight", "text_embedding.0.weight"}
@@ -161,11 +180,11 @@ def test_original_and_comfyui_text_encoder_files_give_the_same_embeddings():
     torch.testing.assert_close(original(ids, mask).last_hidden_state, comfy(ids, mask).last_hidden_state)
 
 
-@pytest.mark.parametrize("variant,expert", [("wan21_t2v", None), ("wan22_low", "low_noise_model"),
-                                            ("wan22_high", "high_noise_model")])
-def test_comfyui_single_files_load_the_same_weights_as_the_checkpoint_folder(make_config, variant, expert):
+@pytest.mark.parametrize("variant", ["wan21_t2v", "wan22_low", "wan22_high", "wan22_low_i2v", "wan22_high_i2v"])
+def test_comfyui_single_files_load_the_same_weights_as_the_checkpoint_folder(make_config, variant):
     root = tiny_model_dir(VARIANTS[variant].tiny)
-    comfy = root / (EXPERT_FILES[expert] if expert else "comfyui/wan2.1_t2v_tiny.safetensors")
+    expert = VARIANTS[variant].expert
+    comfy = root / (expert_file(variant, expert) if expert else "comfyui/wan2.1_t2v_tiny.safetensors")
     folder = train(make_config, variant, "adapter=none", "trainer.max_steps=0", run_name="folder")
     single = train(make_config, variant, "adapter=none", "trainer.max_steps=0", f"model.transformer_path={comfy}",
                    f"model.llm_path={root / tiny_wan.COMFY_T5_FILE}", run_name="single")
@@ -195,13 +214,26 @@ def test_fp8_storage_keeps_lora_and_embeddings_in_full_precision(make_config, fp
     assert torch.isfinite(result.trainer.callback_metrics["train/loss"])
 
 
-def test_tiny_checkpoint_is_the_original_layout_and_rebuilds_byte_identical(tmp_path):
-    cached = tiny_model_dir("wan22_a14b")
-    tiny_wan.build_wan22_a14b(tmp_path)
+@pytest.mark.parametrize("variant,in_dim", [("wan22_low", 16), ("wan22_low_i2v", 36)])
+def test_tiny_a14b_checkpoint_is_the_original_layout_and_rebuilds_byte_identical(tmp_path, variant, in_dim):
+    tiny = VARIANTS[variant].tiny
+    cached = tiny_model_dir(tiny)
+    getattr(tiny_wan, f"build_{tiny}")(tmp_path)
     files = sorted(p.relative_to(cached) for p in cached.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert {str(f) for f in files} >= {"Wan2.1_VAE.pth", tiny_wan.T5_FILE, "low_noise_model/config.json",
                                        "low_noise_model/diffusion_pytorch_model.safetensors",
-                                       "high_noise_model/diffusion_pytorch_model.safetensors", *EXPERT_FILES.values()}
+                                       "high_noise_model/diffusion_pytorch_model.safetensors",
+                                       *(expert_file(variant, expert) for expert in EXPERT_SLOTS)}
+    assert not any(str(f).startswith(tiny_wan.CLIP_DIR) for f in files)  # Wan2.2 has no image encoder
     for f in files:
         assert (cached / f).read_bytes() == (tmp_path / f).read_bytes(), f
+    for expert in EXPERT_SLOTS:
+        config = json.loads((cached / expert / "config.json").read_text())
+        assert (config["in_dim"], config["model_type"]) == (in_dim, "i2v" if VARIANTS[variant].i2v else "t2v")
+
+
+def test_every_variant_has_a_config_file_and_is_known_to_the_schema():
+    assert set(WAN_VARIANTS) == set(VARIANTS)
+    assert set(WAN_CLIP_VARIANTS) == {name for name, variant in VARIANTS.items() if variant.clip}
+    assert {p.stem for p in (ROOT / "conf" / "model").glob("wan*.yaml")} == set(VARIANTS)

@@ -1,6 +1,7 @@
 """Video training data for Wan through the real datamodule and trainer: framerate resampling, frame buckets and
 clip modes on synthetic videos whose frames show their own index; too-short and corrupt videos; image-to-video
-conditioning (first frame, mask, CLIP features) and its video-only rule; the A14B timestep ranges under shift."""
+conditioning (first frame, mask, CLIP features for 2.1) and its video-only rule; the A14B T2V and I2V timestep ranges
+under shift."""
 import logging
 import shutil
 from fractions import Fraction
@@ -73,19 +74,21 @@ def test_frame_buckets_must_be_encodable_by_the_vae(make_config, video_folder):
         run(make_config("model=wan21_t2v", *FAST, f"dataset.path={video_folder}", "dataset.frame_buckets=[1,16]"))
 
 
-def test_image_in_an_image_to_video_dataset_is_one_clear_error(make_config, tmp_path):
+@pytest.mark.parametrize("variant", ["wan21_i2v", "wan22_low_i2v", "wan22_high_i2v"])
+def test_image_in_an_image_to_video_dataset_is_one_clear_error(make_config, tmp_path, variant):
     folder = tmp_path / "mixed"
     shutil.copytree(ROOT / "data" / "examples" / "videos", folder)
     Image.new("RGB", (32, 32), "blue").save(folder / "photo.jpg")
     (folder / "photo.txt").write_text("a blue picture")
     with pytest.raises(ConfigError) as error:
-        run(make_config("model=wan21_i2v", *FAST, f"dataset.path={folder}"))
+        run(make_config(f"model={variant}", *FAST, f"dataset.path={folder}"))
     message = str(error.value)
     assert str(folder / "photo.jpg") in message and "videos only" in message and "wan21_t2v" in message
 
 
-def test_first_frame_conditions_image_to_video_as_the_model_expects(make_config):
-    result = run(make_config("model=wan21_i2v", "dataset=videos", *FAST))
+@pytest.mark.parametrize("variant", ["wan21_i2v", "wan22_high_i2v"])
+def test_first_frame_conditions_image_to_video_as_the_model_expects(make_config, variant):
+    result = run(make_config(f"model={variant}", "dataset=videos", *FAST))
     sample = result.datamodule.train_set.samples[0]
     cached = EmbeddingCache.read(sample.latent_path)
     latents, condition = cached["latents"], cached["image_condition"]
@@ -106,10 +109,14 @@ def test_first_frame_conditions_image_to_video_as_the_model_expects(make_config)
     torch.testing.assert_close(condition[4:], (expected - mean) / std, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(condition[4:, 1:], latents[:, 1:], atol=1e-2)
     clip_config = result.module.denoiser.config
-    assert cached["image_embeds"].ndim == 2 and cached["image_embeds"].shape[1] == clip_config.image_dim
+    if variant == "wan21_i2v":  # CLIP features of the first frame
+        assert cached["image_embeds"].ndim == 2 and cached["image_embeds"].shape[1] == clip_config.image_dim
+    else:  # Wan2.2 A14B I2V: no image encoder, the transformer has no image projections
+        assert "image_embeds" not in cached and clip_config.image_dim is None
 
 
-@pytest.mark.parametrize("variant,low,high", [("wan22_low", 0.0, 0.875), ("wan22_high", 0.875, 1.0)])
+@pytest.mark.parametrize("variant,low,high", [("wan22_low", 0.0, 0.875), ("wan22_high", 0.875, 1.0),
+                                              ("wan22_low_i2v", 0.0, 0.9), ("wan22_high_i2v", 0.9, 1.0)])
 @pytest.mark.parametrize("shift", [None, "model.shift=3", "model.flux_shift=true"])
 def test_expert_timestep_ranges_hold_under_shift_and_match_the_shifted_distribution(make_config, variant, low,
                                                                                      high, shift):

@@ -33,7 +33,8 @@ class FluxConfig(ModelConfig):
     max_sequence_length: int = 512
 
 
-WAN_VARIANTS = ("wan21_t2v", "wan21_i2v", "wan22_low", "wan22_high", "wan22_5b")
+WAN_VARIANTS = ("wan21_t2v", "wan21_i2v", "wan22_low", "wan22_high", "wan22_low_i2v", "wan22_high_i2v", "wan22_5b")
+WAN_CLIP_VARIANTS = ("wan21_i2v",)  # the variants that read clip_path (Wan2.2 A14B I2V has no image encoder)
 
 
 @dataclass
@@ -42,7 +43,7 @@ class WanConfig(ModelConfig):
     ckpt_path: Optional[str] = None
     transformer_path: Optional[str] = None
     llm_path: Optional[str] = None
-    clip_path: Optional[str] = None
+    clip_path: Optional[str] = None  # only for WAN_CLIP_VARIANTS
     max_sequence_length: int = 512
 
 

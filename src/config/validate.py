@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
 from .schema import (ACTIVATION_CHECKPOINTING, DTYPES, FP8_DTYPES, GROUPS, MODEL_SCHEMAS, VIDEO_CLIP_MODES,
-                     WAN_VARIANTS, AdapterConfig, DatasetConfig, RootConfig)
+                     WAN_CLIP_VARIANTS, WAN_VARIANTS, AdapterConfig, DatasetConfig, RootConfig)
 
 # Arguments of optimizer / scheduler targets that the trainer passes itself, never the config.
 SUPPLIED_BY_TRAINER = {"optimizer": ("params",), "scheduler": ("optimizer", "total_steps")}
@@ -140,6 +140,10 @@ def _check_model(model: DictConfig, adapter: DictConfig) -> None:
     _check_schema(schema, model, "model")
     if "variant" in model:
         _check_choice(model.variant, WAN_VARIANTS, "model.variant", "the Wan model")
+        if model.get("clip_path") and model.variant not in WAN_CLIP_VARIANTS:
+            raise ConfigError(f"model.clip_path={model.clip_path} would be ignored: model.variant={model.variant} "
+                              f"has no CLIP image encoder (only {', '.join(WAN_CLIP_VARIANTS)} reads one). "
+                              f"Unset model.clip_path, or pick model=wan21_i2v.")
     _check_choice(model.dtype, DTYPES, "model.dtype", "a compute dtype")
     _check_choice(model.timestep_sample_method, ("logit_normal", "uniform"), "model.timestep_sample_method", "")
     if model.activation_checkpointing not in ACTIVATION_CHECKPOINTING:

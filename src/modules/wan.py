@@ -1,6 +1,7 @@
-"""Wan 2.1 / 2.2 (T2V 1.3B/14B, I2V 14B, A14B low/high-noise experts, TI2V-5B): diffusers' WanTransformer3DModel
-on [B, C, F, h, w] video latents (an image is a 1-frame video), conditioned on UMT5 token embeddings; I2V also on
-the first frame (4-channel mask + its VAE latents, concatenated to 36 channels) and, for 2.1, CLIP image features.
+"""Wan 2.1 / 2.2 (T2V 1.3B/14B, I2V 14B, A14B T2V and I2V low/high-noise experts, TI2V-5B): diffusers'
+WanTransformer3DModel on [B, C, F, h, w] video latents (an image is a 1-frame video), conditioned on UMT5 token
+embeddings; I2V also on the first frame (4-channel mask + its VAE latents, concatenated to 36 channels) and, for
+2.1 only, CLIP image features (Wan2.2 A14B I2V has no image encoder).
 
 Weights come from the original Wan-AI checkpoint folder and ComfyUI single files (never a diffusers folder):
 
@@ -55,6 +56,9 @@ VARIANTS = {
     "wan21_i2v": Variant("wan21_i2v", "wan21_i2v", i2v=True, clip=True),
     "wan22_low": Variant("wan22_a14b", "wan21", expert="low_noise_model"),  # 2.2 A14B shares 2.1's VAE and T5
     "wan22_high": Variant("wan22_a14b", "wan21", expert="high_noise_model"),
+    # 2.2 A14B I2V: the first-frame condition without CLIP features, so a cache of its own shared by both experts
+    "wan22_low_i2v": Variant("wan22_a14b_i2v", "wan22_i2v", expert="low_noise_model", i2v=True),
+    "wan22_high_i2v": Variant("wan22_a14b_i2v", "wan22_i2v", expert="high_noise_model", i2v=True),
     "wan22_5b": Variant("wan22_5b", "wan22_5b", pixel_multiple=32),
 }
 
@@ -91,7 +95,8 @@ class WanEncoders:
 
     def _first_frame_condition(self, video: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
         """WanImageToVideoPipeline.prepare_latents: mask (4 ch, first frame kept) + latents of the first frame
-        followed by zeros; encode_image: CLIP penultimate hidden states of the first frame (2.1)."""
+        followed by zeros; encode_image: CLIP penultimate hidden states of the first frame (2.1 only: the pipeline
+        of a variant without CLIP has no image encoder, as diffusers' Wan2.2 A14B I2V pipeline)."""
         b, _, num_frames, height, width = video.shape
         first = video[:, :, 0].to(latents.device, latents.dtype)
         _, condition = self.i2v_pipe.prepare_latents(first, b, latents.shape[1], height, width, num_frames,

@@ -32,6 +32,7 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "wan21_t2v": _lazy_builder("src.tiny.wan", "build_wan21_t2v"),
     "wan21_i2v": _lazy_builder("src.tiny.wan", "build_wan21_i2v"),
     "wan22_a14b": _lazy_builder("src.tiny.wan", "build_wan22_a14b"),
+    "wan22_a14b_i2v": _lazy_builder("src.tiny.wan", "build_wan22_a14b_i2v"),
     "wan22_5b": _lazy_builder("src.tiny.wan", "build_wan22_5b"),
 }
 

@@ -6,6 +6,7 @@
     <root>/models_t5_umt5-xxl-enc-bf16.pth          original Wan T5 keys
     <root>/google/umt5-xxl/                         tokenizer
     <root>/image_encoder/                           Wan2.1 I2V only: a transformers CLIPVisionModel + its processor
+                                                    (Wan2.2 A14B I2V has none: its experts take 36 channels)
     <root>/comfyui/<name>.safetensors               ComfyUI single files: the transformer(s) under
                                                     `model.diffusion_model.`, and UMT5 in transformers names
 
@@ -101,12 +102,19 @@ def build_wan21_i2v(out_dir: Path) -> None:
     CLIPImageProcessor(crop_size=32, size=32).save_pretrained(out_dir / CLIP_DIR)
 
 
-def build_wan22_a14b(out_dir: Path) -> None:
+def build_wan22_a14b(out_dir: Path, task: str = "t2v", in_channels: int = 16) -> None:
     # Two independent experts; different seeds so a LoRA loaded into the wrong one cannot pass for the right one.
     for seed, expert in ((SEED, "high_noise_model"), (SEED + 1, "low_noise_model")):
         name = expert.removesuffix("_model")
-        write_transformer(transformer(seed=seed), out_dir / expert, out_dir / f"comfyui/wan2.2_t2v_{name}_tiny.safetensors")
+        write_transformer(transformer(in_channels, seed=seed), out_dir / expert,
+                          out_dir / f"comfyui/wan2.2_{task}_{name}_tiny.safetensors")
     write_shared(out_dir, vae21(), "Wan2.1_VAE.pth")
+
+
+def build_wan22_a14b_i2v(out_dir: Path) -> None:
+    # Real Wan2.2 I2V A14B: 36 input channels (noise + 4 mask + 16 first-frame latents) and no CLIP image encoder,
+    # so no img_emb / k_img / v_img; otherwise the T2V layout.
+    build_wan22_a14b(out_dir, "i2v", in_channels=36)
 
 
 def build_wan22_5b(out_dir: Path) -> None:
