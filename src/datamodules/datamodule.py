@@ -119,8 +119,9 @@ class DiffusionDataModule(LightningDataModule):
     def __init__(self, path: Optional[str] = None, directories: list[dict] = (), resolutions: list = (512,),
                  enable_ar_bucket: bool = True, min_ar: float = 0.5, max_ar: float = 2.0, num_ar_buckets: int = 7,
                  ar_buckets: Optional[list] = None, num_repeats: int = 1, caption_prefix: str = "",
-                 frame_buckets: list = (1,), video_clip_mode: str = "single_beginning", batch_size: int = 1, num_workers: int = 0, cache_dir: Optional[str] = None,
-                 cache_workers: int = 1, eval_datasets: list[dict] = (), seed: int = 42):
+                 frame_buckets: list = (1,), video_clip_mode: str = "single_beginning", batch_size: int = 1,
+                 num_workers: int = 0, cache_dir: Optional[str] = None, cache_workers: int = 1,
+                 eval_datasets: list[dict] = (), seed: int = 42):
         super().__init__()
         defaults = dict(resolutions=resolutions, enable_ar_bucket=enable_ar_bucket, min_ar=min_ar, max_ar=max_ar,
                         num_ar_buckets=num_ar_buckets, ar_buckets=ar_buckets, num_repeats=num_repeats,
