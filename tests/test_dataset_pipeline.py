@@ -52,6 +52,7 @@ def test_cache_next_to_the_dataset_reencodes_exactly_what_changed(make_config, t
     cache = data / ".difftrain_cache" / "flux"
     assert len(list(cache.rglob("*.safetensors"))) == 6
     assert not list(cache.rglob("*.tmp")), "a temporary file of an atomic write was left behind"
+    assert (data / ".difftrain_cache" / "media_probes.json").is_file()  # the next run decodes no unchanged file
 
     cache_log.clear()
     assert encoded(train("unchanged")) == (0, 0)

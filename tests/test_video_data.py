@@ -1,5 +1,7 @@
 """Video media: PyAV probing and decoding of every container we accept, framerate resampling, frame buckets and
 clip modes, checked on synthetic videos whose every frame shows its own index (as its grey level)."""
+import json
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -7,9 +9,10 @@ import av
 import numpy
 import pytest
 import torch
+from PIL import Image
 
 from src.datamodules.buckets import clip_starts, frame_buckets_with_image, video_frame_bucket
-from src.datamodules.media import load_video, probe_video, resample_indices, scan_directory
+from src.datamodules.media import ProbeIndex, load_video, probe_video, resample_indices, scan_directory
 from tests.conftest import ROOT
 
 LEVEL_STEP = 7  # grey level of frame i is LEVEL_STEP * i: codecs keep it within +-3
@@ -109,3 +112,72 @@ def test_bundled_example_videos_are_all_usable():
     assert not scan.skipped
     assert {item.path.suffix for item in scan.items} == {".mp4", ".webm", ".mov", ".gif"}
     assert all(item.is_video and item.num_frames >= 17 and item.caption for item in scan.items)
+
+
+def scan_with_index(folder: Path, index: Path):
+    """A scan as a new run makes it: the index loaded afresh from disk."""
+    return scan_directory(folder, probe_index=ProbeIndex(index))
+
+
+def garble_keeping_size_and_mtime(path: Path) -> None:
+    stat = path.stat()
+    path.write_bytes(numpy.random.default_rng(1).bytes(stat.st_size))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_probe_index_skips_decoding_unchanged_files_and_reprobes_changed_ones(tmp_path):
+    data, index = tmp_path / "data", tmp_path / "cache" / "probes.json"
+    data.mkdir()
+    video = write_indexed_video(data / "clip.mp4", 17, 16)
+    image = data / "still.png"
+    Image.new("RGB", (40, 30), "teal").save(image)
+    image.with_suffix(".txt").write_text("a teal rectangle")
+    (data / "bad.webm").write_bytes(numpy.random.default_rng(0).bytes(2000))
+    (data / "bad.txt").write_text("caption")
+    first = scan_with_index(data, index)
+    assert [(i.path.name, i.width, i.height, i.num_frames, i.fps) for i in first.items] == [
+        ("clip.mp4", 32, 24, 17, 16), ("still.png", 40, 30, 1, None)]
+    assert [s.path.name for s in first.skipped] == ["bad.webm"]
+    assert not list(index.parent.glob("*.tmp")), "a temporary file of the atomic write was left behind"
+
+    # Unreadable now, but with the same size and mtime: only a remembered verdict can still call them good.
+    garble_keeping_size_and_mtime(video)
+    garble_keeping_size_and_mtime(image)
+    second = scan_with_index(data, index)
+    assert second.items == first.items and second.skipped == first.skipped
+
+    # A new mtime (or size) is a changed file: decoded again, and now found corrupt.
+    os.utime(video, ns=(video.stat().st_atime_ns, video.stat().st_mtime_ns + 1_000_000_000))
+    with open(image, "ab") as f:
+        f.write(b"\0")
+    third = scan_with_index(data, index)
+    assert not third.items
+    reasons = {s.path.name: s.reason for s in third.skipped}
+    assert reasons["clip.mp4"].startswith("unreadable video") and reasons["still.png"].startswith("unreadable image")
+    assert reasons["bad.webm"] == {s.path.name: s.reason for s in first.skipped}["bad.webm"]
+
+
+def malformed_entry_for(path: Path) -> str:
+    """An entry whose key and stamp match `path` but whose verdict is not one the index writes."""
+    stamp = {"size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
+    entry = {"stamp": stamp, "verdict": {"width": "wide", "height": 1, "num_frames": 5, "fps": "16"}}
+    return json.dumps({"version": 1, "files": {str(path.absolute()): entry}})
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda video: "\0\xff not json",
+    lambda video: '{"version": 1, "files": {',  # truncated
+    lambda video: "[]",
+    lambda video: '{"version": 0, "files": {}}',
+    lambda video: '{"version": 1, "files": {"x": 3}}',
+    malformed_entry_for,
+], ids=["binary", "truncated", "not_an_object", "other_version", "bad_entry", "malformed_verdict"])
+def test_corrupt_probe_index_is_ignored_and_rebuilt(tmp_path, corrupt):
+    data, index = tmp_path / "data", tmp_path / "probes.json"
+    data.mkdir()
+    video = write_indexed_video(data / "clip.mp4", 17, 16)
+    index.write_text(corrupt(video))
+    scan = scan_with_index(data, index)
+    assert [(i.path.name, i.num_frames, i.fps) for i in scan.items] == [("clip.mp4", 17, 16)]
+    garble_keeping_size_and_mtime(video)  # the rebuilt index now holds the verified verdict
+    assert scan_with_index(data, index).items == scan.items

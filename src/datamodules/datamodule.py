@@ -1,9 +1,10 @@
 """The bucketed, cached LightningDataModule shared by every family.
 
-setup() scans the media folders (reporting bad files once and skipping them), assigns every item to its
-aspect-ratio bucket at every resolution (and every video clip to its frame bucket, after resampling the video to
-the model's framerate), makes sure each item has cached latents and text embeddings (loading the family's
-encoders only if something is missing, splitting the work across ranks), then frees the encoders.
+setup() scans the media folders (reporting bad files once and skipping them; a file verified on an earlier run and
+unchanged since is not decoded again, see media.ProbeIndex), assigns every item to its aspect-ratio bucket at every
+resolution (and every video clip to its frame bucket, after resampling the video to the model's framerate), makes
+sure each item has cached latents and text embeddings (loading the family's encoders only if something is missing,
+splitting the work across ranks), then frees the encoders.
 Batches come from one (width, height, frames) bucket each, in a reproducible shuffled order, sharded by rank,
 resumable mid-epoch."""
 import logging
@@ -21,10 +22,12 @@ from src.config.validate import ConfigError
 from .buckets import (BucketBatchSampler, aspect_ratio_buckets, assign_buckets, clip_starts, frame_buckets_with_image,
                       video_frame_bucket)
 from .cache import EmbeddingCache, file_digest
-from .media import MediaItem, SkippedFile, crop_geometry, load_image, load_video, resample_indices, scan_directory
+from .media import (MediaItem, ProbeIndex, SkippedFile, crop_geometry, load_image, load_video, resample_indices,
+                    scan_directory)
 
 log = logging.getLogger(__name__)
 
+PROBE_INDEX_NAME = "media_probes.json"  # in the cache root: see media.ProbeIndex
 DIRECTORY_KEYS = ("resolutions", "enable_ar_bucket", "min_ar", "max_ar", "num_ar_buckets", "ar_buckets",
                   "num_repeats", "caption_prefix", "frame_buckets", "video_clip_mode")
 
@@ -152,7 +155,8 @@ class DiffusionDataModule(LightningDataModule):
         module = self.trainer.lightning_module
         cache = EmbeddingCache(self.cache_root / module.cache_name)
         latent_fp, text_fp = module.cache_fingerprints()
-        plan = lambda dirs, repeat: self._plan(dirs, cache, latent_fp, text_fp, module, repeat)  # noqa: E731
+        probes = ProbeIndex(self.cache_root / PROBE_INDEX_NAME)
+        plan = lambda dirs, repeat: self._plan(dirs, cache, probes, latent_fp, text_fp, module, repeat)  # noqa: E731
         train = plan(self.directories, True)
         evals = {name: plan([d], False) for name, d in self.eval_directories.items()}
         if not train:
@@ -167,11 +171,11 @@ class DiffusionDataModule(LightningDataModule):
         return (f"The dataset is empty: no usable image with a caption in {folders}.{skipped} Each image (or video) "
                 f"needs a <name>.txt caption beside it; point dataset.path (or dataset.directories) at such a folder.")
 
-    def _plan(self, directories: list[dict], cache: EmbeddingCache, latent_fp: str, text_fp: str, module,
-              repeat: bool) -> list[Sample]:
+    def _plan(self, directories: list[dict], cache: EmbeddingCache, probes: ProbeIndex, latent_fp: str, text_fp: str,
+              module, repeat: bool) -> list[Sample]:
         samples = []
         for directory in directories:
-            scan = scan_directory(directory["path"], directory["caption_prefix"])
+            scan = scan_directory(directory["path"], directory["caption_prefix"], probes)
             clips = {item: self._clips(item, directory, module) for item in scan.items}
             for skipped in scan.skipped + [s for s in clips.values() if isinstance(s, SkippedFile)]:
                 log.warning("Skipping %s: %s", skipped.path, skipped.reason)

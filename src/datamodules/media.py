@@ -1,9 +1,13 @@
 """Media-folder scanning and loading: one image or video per item, its caption in `<stem>.txt` beside it.
 
 Videos are decoded with PyAV. A video item records its decoded frame count and framerate; `resample_indices`
-maps it onto a model's framerate and `load_video` decodes the chosen frames as one clip."""
+maps it onto a model's framerate and `load_video` decodes the chosen frames as one clip.
+Scanning decodes every file to catch corrupt ones; a `ProbeIndex` remembers each verdict so an unchanged file is
+decoded only once."""
 
+import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -16,12 +20,16 @@ from PIL import ExifTags, Image, ImageOps
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from src.utils.atomic import write_text
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".gif", ".mkv"})
 CAPTION_SUFFIX = ".txt"
 # EXIF orientations 5-8 include a 90-degree rotation, so width and height swap.
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _WHITE = (255, 255, 255, 255)
+PROBE_INDEX_VERSION = 1
+Probe = tuple[int, int, int, Optional[Fraction]]  # (width, height, frames, fps); fps None for an image
 
 
 @dataclass(frozen=True)
@@ -58,8 +66,10 @@ def is_video_file(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_EXTENSIONS
 
 
-def scan_directory(path: str | Path, caption_prefix: str = "") -> ScanResult:
-    """Collect captioned images and videos in `path` (not recursive) and report every file that cannot be used."""
+def scan_directory(path: str | Path, caption_prefix: str = "", probe_index: Optional["ProbeIndex"] = None
+                   ) -> ScanResult:
+    """Collect captioned images and videos in `path` (not recursive) and report every file that cannot be used.
+    With a `probe_index`, files it has already verified unchanged are not decoded again; it is saved afterwards."""
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"Dataset directory not found: {directory}")
@@ -67,7 +77,7 @@ def scan_directory(path: str | Path, caption_prefix: str = "") -> ScanResult:
     media = [p for p in files if is_image_file(p) or is_video_file(p)]
     result = ScanResult()
     for media_path in media:
-        item_or_skip = _scan_media(media_path, caption_prefix)
+        item_or_skip = _scan_media(media_path, caption_prefix, probe_index)
         if isinstance(item_or_skip, MediaItem):
             result.items.append(item_or_skip)
         else:
@@ -79,25 +89,94 @@ def scan_directory(path: str | Path, caption_prefix: str = "") -> ScanResult:
         if p.suffix == CAPTION_SUFFIX and p.stem not in media_stems
     )
     result.skipped.sort(key=lambda skipped: skipped.path)
+    if probe_index is not None:
+        probe_index.save()
     return result
 
 
-def _scan_media(media_path: Path, caption_prefix: str) -> MediaItem | SkippedFile:
-    kind = "video" if is_video_file(media_path) else "image"
-    if media_path.stat().st_size == 0:
-        return SkippedFile(media_path, f"empty {kind} file (0 bytes)")
-    try:
-        if kind == "video":
-            width, height, num_frames, fps = probe_video(media_path)
-        else:
-            (width, height), num_frames, fps = read_verified_size(media_path), 1, None
-    # PIL and FFmpeg decoders raise many exception types on malformed data (OSError, SyntaxError, av errors, ...).
-    except Exception as exc:
-        return SkippedFile(media_path, f"unreadable {kind}: {exc}")
+def _scan_media(media_path: Path, caption_prefix: str, probe_index: Optional["ProbeIndex"]) -> MediaItem | SkippedFile:
+    stat = media_path.stat()
+    if stat.st_size == 0:
+        return SkippedFile(media_path, f"empty {_media_kind(media_path)} file (0 bytes)")
+    probe = probe_index.probe(media_path, stat) if probe_index is not None else probe_media(media_path)
+    if isinstance(probe, str):
+        return SkippedFile(media_path, probe)
     caption = _read_caption(media_path)
     if isinstance(caption, SkippedFile):
         return caption
-    return MediaItem(media_path, caption_prefix + caption, width, height, num_frames, fps)
+    return MediaItem(media_path, caption_prefix + caption, *probe)
+
+
+def _media_kind(path: Path) -> str:
+    return "video" if is_video_file(path) else "image"
+
+
+def probe_media(path: Path) -> Probe | str:
+    """(width, height, frames, fps) of an image or video, or why it is unreadable; decodes the whole file."""
+    try:
+        if is_video_file(path):
+            return probe_video(path)
+        return (*read_verified_size(path), 1, None)
+    # PIL and FFmpeg decoders raise many exception types on malformed data (OSError, SyntaxError, av errors, ...).
+    except Exception as exc:
+        return f"unreadable {_media_kind(path)}: {exc}"
+
+
+class ProbeIndex:
+    """Each media file's probe verdict (`probe_media`'s result or skip reason) in a JSON file, keyed by absolute
+    path, size and mtime_ns: an unchanged file is not decoded again, a new or changed one is probed as usual.
+    A missing, corrupt or other-version index file, or a malformed entry, is ignored and rewritten."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.entries = self._load()
+        self.changed = False
+
+    def _load(self) -> dict:
+        try:
+            index = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(index, dict) or index.get("version") != PROBE_INDEX_VERSION:
+            return {}
+        files = index.get("files")
+        return files if isinstance(files, dict) else {}
+
+    def probe(self, media_path: Path, stat: os.stat_result) -> Probe | str:
+        key = str(media_path.absolute())
+        stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        entry = self.entries.get(key)
+        if isinstance(entry, dict) and entry.get("stamp") == stamp:
+            remembered = _decode_verdict(entry.get("verdict"))
+            if remembered is not None:
+                return remembered
+        verdict = probe_media(media_path)
+        self.entries[key] = {"stamp": stamp, "verdict": _encode_verdict(verdict)}
+        self.changed = True
+        return verdict
+
+    def save(self) -> None:
+        if self.changed:
+            write_text(self.path, json.dumps({"version": PROBE_INDEX_VERSION, "files": self.entries}))
+            self.changed = False
+
+
+def _encode_verdict(verdict: Probe | str) -> dict:
+    if isinstance(verdict, str):
+        return {"skip": verdict}
+    width, height, num_frames, fps = verdict
+    return {"width": width, "height": height, "num_frames": num_frames, "fps": None if fps is None else str(fps)}
+
+
+def _decode_verdict(verdict) -> Probe | str | None:
+    """The verdict `_encode_verdict` stored, or None if it is malformed."""
+    try:
+        if "skip" in verdict:
+            return verdict["skip"] if isinstance(verdict["skip"], str) else None
+        fps = None if verdict["fps"] is None else Fraction(verdict["fps"])
+        return int(verdict["width"]), int(verdict["height"]), int(verdict["num_frames"]), fps
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
 
 
 def _read_caption(media_path: Path) -> str | SkippedFile:

@@ -22,6 +22,18 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
         raise
 
 
+def write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 @contextmanager
 def atomic_directory(path: Path):
     """Yields a temporary sibling folder to fill; on success it replaces `path` whole."""
