@@ -6,7 +6,6 @@ import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from lightning import Callback
-from lightning import Callback
 from safetensors.torch import load_file
 
 from src.formats.flux import load_bfl_transformer
