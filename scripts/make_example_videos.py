@@ -7,9 +7,8 @@ from pathlib import Path
 
 import av
 import numpy
-from PIL import Image, ImageDraw
-
 from make_example_data import COLOURS
+from PIL import Image, ImageDraw
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@ datasets (what train.py then prints is in test_config.py), and the dataset keys 
 per-directory overrides, one bucket per batch)."""
 import gc
 import logging
-import weakref
 import shutil
+import weakref
 from collections import Counter
 from pathlib import Path
 

@@ -9,8 +9,8 @@ from lightning import Callback
 from safetensors.torch import load_file
 
 from src.formats.flux import load_bfl_transformer
-from src.training import run
 from src.tiny import tiny_model_dir
+from src.training import run
 
 FAST = ("dataset.resolutions=[64]", "trainer.max_steps=3", "checkpoint_every_n_steps=null")
 BFL_BLOCK_LINEAR = re.compile(r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02]|mod\.lin)"

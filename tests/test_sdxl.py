@@ -20,7 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from src.config.validate import ConfigError
 from src.datamodules.datamodule import Sample, collate
 from src.datamodules.media import MediaItem, load_image
-from src.formats.sdxl import (SDXL_BASE_CONFIG_DIR, kohya_module_name, unet_block_map, unet_to_sgm, vae_to_ldm)
+from src.formats.sdxl import SDXL_BASE_CONFIG_DIR, kohya_module_name, unet_block_map, unet_to_sgm, vae_to_ldm
 from src.modules.base import DiffusionModule
 from src.modules.sdxl import SDXLCacheEncoders, SDXLModule
 from src.tiny import sdxl as tiny_sdxl

@@ -11,8 +11,19 @@ from typing import Any, Union, get_args, get_origin
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
-from .schema import (ACTIVATION_CHECKPOINTING, DTYPES, FP8_DTYPES, GROUPS, MODEL_SCHEMAS, VIDEO_CLIP_MODES,
-                     WAN_CLIP_VARIANTS, WAN_VARIANTS, AdapterConfig, DatasetConfig, RootConfig)
+from .schema import (
+    ACTIVATION_CHECKPOINTING,
+    DTYPES,
+    FP8_DTYPES,
+    GROUPS,
+    MODEL_SCHEMAS,
+    VIDEO_CLIP_MODES,
+    WAN_CLIP_VARIANTS,
+    WAN_VARIANTS,
+    AdapterConfig,
+    DatasetConfig,
+    RootConfig,
+)
 
 # Arguments of optimizer / scheduler targets that the trainer passes itself, never the config.
 SUPPLIED_BY_TRAINER = {"optimizer": ("params",), "scheduler": ("optimizer", "total_steps")}

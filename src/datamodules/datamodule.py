@@ -19,11 +19,25 @@ from tqdm import tqdm
 
 from src.config.validate import ConfigError
 
-from .buckets import (BucketBatchSampler, aspect_ratio_buckets, assign_buckets, clip_starts, frame_buckets_with_image,
-                      video_frame_bucket)
+from .buckets import (
+    BucketBatchSampler,
+    aspect_ratio_buckets,
+    assign_buckets,
+    clip_starts,
+    frame_buckets_with_image,
+    video_frame_bucket,
+)
 from .cache import EmbeddingCache, file_digest
-from .media import (MediaItem, ProbeIndex, SkippedFile, crop_geometry, load_image, load_video, resample_indices,
-                    scan_directory)
+from .media import (
+    MediaItem,
+    ProbeIndex,
+    SkippedFile,
+    crop_geometry,
+    load_image,
+    load_video,
+    resample_indices,
+    scan_directory,
+)
 
 log = logging.getLogger(__name__)
 

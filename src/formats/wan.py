@@ -25,8 +25,7 @@ from typing import Optional
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
-from .single_file import (StateDict, build_with_weights, preview, read_state_dict, refuse_fp8_scaled,
-                          strip_comfy_prefix)
+from .single_file import StateDict, build_with_weights, preview, read_state_dict, refuse_fp8_scaled, strip_comfy_prefix
 
 # ---------------------------------------------------------------- transformer
 

@@ -16,8 +16,16 @@ from transformers import CLIPTokenizer
 
 from src.config.validate import ConfigError
 from src.datamodules.cache import fingerprint_files
-from src.formats.sdxl import (SDXL_BASE_CONFIG_DIR, checkpoint_metadata, kohya_lora, kohya_metadata,
-                              original_checkpoint, save_original_checkpoint, split_parts, untrained_tensors)
+from src.formats.sdxl import (
+    SDXL_BASE_CONFIG_DIR,
+    checkpoint_metadata,
+    kohya_lora,
+    kohya_metadata,
+    original_checkpoint,
+    save_original_checkpoint,
+    split_parts,
+    untrained_tensors,
+)
 from src.tiny import tiny_model_dir
 from src.tiny.sdxl import CHECKPOINT_FILE as TINY_FILE
 from src.utils.atomic import save_safetensors

@@ -20,8 +20,14 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
 from src.formats.single_file import save_native
-from src.formats.wan import (WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, original_transformer_config,
-                             transformer_to_native, umt5_to_original, vae_to_native)
+from src.formats.wan import (
+    WAN22_LATENTS_MEAN,
+    WAN22_LATENTS_STD,
+    original_transformer_config,
+    transformer_to_native,
+    umt5_to_original,
+    vae_to_native,
+)
 from src.tiny.tokenizers import t5_tokenizer
 
 SEED = 0
