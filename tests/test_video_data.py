@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from src.datamodules.buckets import clip_starts, frame_buckets_with_image, video_frame_bucket
+from src.datamodules.cache import file_digest
 from src.datamodules.media import ProbeIndex, load_video, probe_video, resample_indices, scan_directory
 from tests.conftest import ROOT
 
@@ -155,6 +156,21 @@ def test_probe_index_skips_decoding_unchanged_files_and_reprobes_changed_ones(tm
     reasons = {s.path.name: s.reason for s in third.skipped}
     assert reasons["clip.mp4"].startswith("unreadable video") and reasons["still.png"].startswith("unreadable image")
     assert reasons["bad.webm"] == {s.path.name: s.reason for s in first.skipped}["bad.webm"]
+
+
+def test_probe_index_remembers_each_file_digest_until_the_file_changes(tmp_path):
+    image = tmp_path / "still.png"
+    Image.new("RGB", (40, 30), "teal").save(image)
+    index_path = tmp_path / "cache" / "probes.json"
+    index = ProbeIndex(index_path)
+    digest = index.digest(image)
+    assert digest == file_digest(image)
+    index.save()
+
+    garble_keeping_size_and_mtime(image)  # same size and mtime: the remembered digest, the file is not read
+    assert ProbeIndex(index_path).digest(image) == digest
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 1_000_000_000))
+    assert ProbeIndex(index_path).digest(image) == file_digest(image) != digest
 
 
 def malformed_entry_for(path: Path) -> str:

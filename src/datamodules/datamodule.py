@@ -27,7 +27,7 @@ from .buckets import (
     frame_buckets_with_image,
     video_frame_bucket,
 )
-from .cache import EmbeddingCache, file_digest
+from .cache import EmbeddingCache
 from .media import (
     MediaItem,
     ProbeIndex,
@@ -173,6 +173,7 @@ class DiffusionDataModule(LightningDataModule):
         plan = lambda dirs, repeat: self._plan(dirs, cache, probes, latent_fp, text_fp, module, repeat)  # noqa: E731
         train = plan(self.directories, True)
         evals = {name: plan([d], False) for name, d in self.eval_directories.items()}
+        probes.save()  # with the digests _plan computed
         if not train:
             raise EmptyDatasetError(self._empty_dataset_message())
         self._fill_cache([s for samples in (train, *evals.values()) for s in samples], module)
@@ -199,7 +200,7 @@ class DiffusionDataModule(LightningDataModule):
             for item, item_clips in clips.items():
                 if isinstance(item_clips, SkippedFile):
                     continue
-                digest = file_digest(item.path)
+                digest = probes.digest(item.path)
                 text_path = cache.text_path(item.caption, text_fp)
                 for size in assign_buckets(item.width, item.height, directory["resolutions"], ars,
                                            module.pixels_round_to_multiple):

@@ -22,6 +22,8 @@ from torchvision.transforms.v2 import functional as F
 
 from src.utils.atomic import write_text
 
+from .cache import file_digest
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".gif", ".mkv"})
 CAPTION_SUFFIX = ".txt"
@@ -123,8 +125,9 @@ def probe_media(path: Path) -> Probe | str:
 
 
 class ProbeIndex:
-    """Each media file's probe verdict (`probe_media`'s result or skip reason) in a JSON file, keyed by absolute
-    path, size and mtime_ns: an unchanged file is not decoded again, a new or changed one is probed as usual.
+    """Each media file's probe verdict (`probe_media`'s result or skip reason) and content digest in a JSON file,
+    keyed by absolute path, size and mtime_ns: an unchanged file is neither decoded nor read again, a new or
+    changed one is probed and hashed as usual.
     A missing, corrupt or other-version index file, or a malformed entry, is ignored and rewritten."""
 
     def __init__(self, path: str | Path):
@@ -143,17 +146,32 @@ class ProbeIndex:
         return files if isinstance(files, dict) else {}
 
     def probe(self, media_path: Path, stat: os.stat_result) -> Probe | str:
+        entry = self._entry(media_path, stat)
+        remembered = _decode_verdict(entry.get("verdict"))
+        if remembered is not None:
+            return remembered
+        verdict = probe_media(media_path)
+        entry["verdict"] = _encode_verdict(verdict)
+        self.changed = True
+        return verdict
+
+    def digest(self, media_path: Path) -> str:
+        """The file's content digest (the cache key), computed once per version of the file."""
+        entry = self._entry(media_path, media_path.stat())
+        if not isinstance(entry.get("digest"), str):
+            entry["digest"] = file_digest(media_path)
+            self.changed = True
+        return entry["digest"]
+
+    def _entry(self, media_path: Path, stat: os.stat_result) -> dict:
+        """The file's entry, emptied if the file changed since it was written."""
         key = str(media_path.absolute())
         stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         entry = self.entries.get(key)
-        if isinstance(entry, dict) and entry.get("stamp") == stamp:
-            remembered = _decode_verdict(entry.get("verdict"))
-            if remembered is not None:
-                return remembered
-        verdict = probe_media(media_path)
-        self.entries[key] = {"stamp": stamp, "verdict": _encode_verdict(verdict)}
-        self.changed = True
-        return verdict
+        if not isinstance(entry, dict) or entry.get("stamp") != stamp:
+            entry = self.entries[key] = {"stamp": stamp}
+            self.changed = True
+        return entry
 
     def save(self) -> None:
         if self.changed:
