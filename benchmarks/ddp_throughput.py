@@ -92,5 +92,6 @@ def main() -> None:
                 [[p, len(v), median(v)] for p, v in speed.items()])
     print_ratios(speed, "samples/s, processes")
 
+
 if __name__ == "__main__":
     main()

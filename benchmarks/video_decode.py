@@ -67,5 +67,6 @@ def main() -> None:
                 [[w, len(v), median(v)] for w, v in speed.items()])
     print_ratios(speed, "clips/s, workers")
 
+
 if __name__ == "__main__":
     main()

@@ -7,18 +7,8 @@ from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpo
 from safetensors.torch import load_file, save_file
 
 from src.formats.flux import bfl_to_diffusers, diffusers_to_bfl, load_bfl_transformer, save_bfl_transformer
+from src.tiny.flux import TRANSFORMER_CONFIG
 
-TINY_CONFIG = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=32,
-    axes_dims_rope=[4, 4, 8],
-)
 # The 12B sizes, which diffusers' own converter hard-codes, with one block of each kind.
 REAL_CONFIG = dict(
     num_attention_heads=24,
@@ -53,7 +43,7 @@ TOP_LEVEL_MODULES = {
 
 @pytest.fixture(params=[True, False], ids=["guidance", "no_guidance"])
 def config(request):
-    return {**TINY_CONFIG, "guidance_embeds": request.param}
+    return {**TRANSFORMER_CONFIG, "guidance_embeds": request.param}
 
 
 @pytest.fixture

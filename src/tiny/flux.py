@@ -11,13 +11,15 @@ BFL_TRANSFORMER_FILE = "flux1-tiny-bfl.safetensors"
 SEED = 0
 
 
+# in_channels 64 = 16 latent channels x 2x2 packing; axes_dims_rope sums to attention_head_dim.
+TRANSFORMER_CONFIG = dict(
+    patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[4, 4, 8])
+
+
 def transformer() -> FluxTransformer2DModel:
-    # in_channels 64 = 16 latent channels x 2x2 packing; axes_dims_rope sums to attention_head_dim.
     torch.manual_seed(SEED)
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-        axes_dims_rope=[4, 4, 8])
+    return FluxTransformer2DModel(**TRANSFORMER_CONFIG)
 
 
 def vae() -> AutoencoderKL:
