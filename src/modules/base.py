@@ -3,8 +3,8 @@ format (the family contract, see DESIGN.md); timestep sampling, loss, LoRA/fp8/f
 optimizer groups, logging, eval loss and checkpoint trimming live here once."""
 import math
 from abc import ABC, abstractmethod
-from contextlib import nullcontext
-from functools import partial
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
@@ -15,14 +15,14 @@ from hydra.utils import instantiate
 from lightning import LightningModule
 from lightning.pytorch.utilities import grad_norm
 from omegaconf import DictConfig, OmegaConf
-from peft import LoraConfig, get_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from src.config.validate import ConfigError
 from src.optim.gradient_release import GradientReleaseOptimizer
 
 from .block_swap import BlockSwap
-from .checkpointing import checkpoint_block
+from .checkpointing import checkpoint_blocks
 from .noise_schedules import FlowMatching
 from .timesteps import TimestepSampler
 
@@ -80,6 +80,7 @@ class DiffusionModule(LightningModule, ABC):
         self.seed = seed
         self.denoiser: Optional[torch.nn.Module] = None
         self.text_encoders = torch.nn.ModuleDict()  # the ones that train (load_text_encoders)
+        self.loop_encoders: dict[str, torch.nn.Module] = {}  # frozen, unregistered: see load_loop_encoders
         self.strict_loading = False  # checkpoints hold trainable weights only; the base comes from disk
 
     # --- family contract: methods
@@ -108,6 +109,42 @@ class DiffusionModule(LightningModule, ABC):
     def export_full(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         """Write a full fine-tune (the denoiser's keys bare, a trained text encoder's under '<part name>.') in
         the family's consumer format(s)."""
+
+    @abstractmethod
+    def inference_pipeline(self) -> Any:
+        """The family's inference pipeline (a diffusers pipeline, or our own sampler with the same call) built
+        from the loaded parts around the denoiser as it is now, adapter included: previews, the sample command and
+        the conformance suite's consumer checks render through it. Encoders freed after caching load again."""
+
+    def place_pipeline(self, pipeline: Any) -> Any:
+        """`pipeline` with every model but the denoiser moved to the denoiser's device (the denoiser stays where
+        training keeps it: block swap holds part of it in CPU memory)."""
+        for component in pipeline.components.values():
+            if isinstance(component, torch.nn.Module) and component is not self.denoiser:
+                component.to(self.device)
+        return pipeline
+
+    def render(self, prompt: str, width: int, height: int, steps: int, seed: int, **family_inputs: Any) -> Any:
+        """Images (numpy, [N, H, W, 3] in [0, 1]) for `prompt` from `inference_pipeline()`; a family whose
+        pipeline takes other inputs (frames, a control image) adds them here."""
+        generator = torch.Generator().manual_seed(seed)
+        return self.inference_pipeline()(prompt=prompt, width=width, height=height, num_inference_steps=steps,
+                                          generator=generator, output_type="np", **family_inputs).images
+
+    def load_loop_encoders(self) -> dict[str, torch.nn.Module]:
+        """Frozen encoders that run at every step instead of being cached (HiDream's Llama), by name. They never
+        train and are no part of the module's state: not in optimizer groups, checkpoints or exports, and on the
+        training device only while they run (`loop_encoder`). Default: none."""
+        return {}
+
+    @contextmanager
+    def loop_encoder(self, name: str) -> Iterator[torch.nn.Module]:
+        """A loop encoder on the training device for the duration of the block, back in CPU memory after."""
+        encoder = self.loop_encoders[name].to(self.device)
+        try:
+            yield encoder
+        finally:
+            encoder.to("cpu")
 
     def load_text_encoders(self) -> dict[str, torch.nn.Module]:
         """Text encoders that train with the denoiser, by part name (SDXL); their captions are cached as token
@@ -154,17 +191,29 @@ class DiffusionModule(LightningModule, ABC):
         if self.blocks_to_swap:
             self.block_swap = self._swap_blocks()
         if self.activation_checkpointing:
-            recompute_context = self.block_swap.recompute if self.block_swap else nullcontext
-            denoiser.enable_gradient_checkpointing(partial(
-                checkpoint_block, offload=self.activation_checkpointing == "offload",
-                recompute_context=recompute_context))
+            self._checkpoint_activations()
         for name, encoder in self.load_text_encoders().items():
             self.text_encoders[name] = self._prepare_part(name, encoder)
+        for name, encoder in self.load_loop_encoders().items():
+            self.loop_encoders[name] = encoder.requires_grad_(False).eval()
 
     def blocks(self) -> list[torch.nn.Module]:
         """The denoiser's transformer blocks in the order they run (block swap); empty where the family lists
         none (block_lists), and the block features refuse to run."""
         return [block for name in self.block_lists for block in getattr(self.denoiser, name)]
+
+    def checkpointed_blocks(self) -> list[torch.nn.Module]:
+        """The modules activation checkpointing wraps: the transformer blocks, unless the family says otherwise."""
+        return self.blocks()
+
+    def _checkpoint_activations(self) -> None:
+        blocks = self.checkpointed_blocks()
+        if not blocks:
+            raise ConfigError(f"model.activation_checkpointing={self.activation_checkpointing}: "
+                              f"{type(self).__name__} lists no blocks to checkpoint (block_lists). Use "
+                              f"model.activation_checkpointing=false.")
+        checkpoint_blocks(blocks, offload=self.activation_checkpointing == "offload",
+                          recompute_context=self.block_swap.recompute if self.block_swap else nullcontext)
 
     def _swap_blocks(self) -> BlockSwap:
         blocks, count = self.blocks(), self.blocks_to_swap
@@ -206,7 +255,7 @@ class DiffusionModule(LightningModule, ABC):
                             target_modules=self.lora_target_modules(model), init_lora_weights=True)
         with torch.random.fork_rng():  # LoRA init must not depend on what consumed the global RNG before
             torch.manual_seed(self.seed)
-            model.add_adapter(config)
+            inject_adapter_in_model(config, model, adapter_name="default")
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.data = param.data.to(DTYPES[cfg.dtype])

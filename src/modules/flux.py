@@ -103,17 +103,32 @@ class FluxModule(DiffusionModule):
     def uses_guidance(self) -> bool:
         return self.denoiser.config.guidance_embeds and not self.bypass_guidance_embedding
 
-    def predict(self, noisy_latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+    def predict(self, noisy_latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
+                cond: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
         b, c, h, w = noisy_latents.shape
-        packed = FluxPipeline._pack_latents(noisy_latents, b, c, h, w)
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, packed.device, packed.dtype)
+        tokens, ids = pack_with_ids(noisy_latents)
+        context, context_ids = self.context_tokens(cond or {}, tokens)
+        out = self.denoise_tokens(torch.cat([tokens, context], dim=1), torch.cat([ids, context_ids]), t, text)
+        return unpack_latents(out[:, :tokens.shape[1]], c, h, w)  # the loss covers the noisy image's tokens only
+
+    def context_tokens(self, cond: dict[str, torch.Tensor], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean tokens the denoiser sees after the noisy image's, with their position ids (Kontext: the control
+        images'); none for plain text-to-image."""
+        return tokens[:, :0], torch.zeros(0, 3, device=tokens.device, dtype=tokens.dtype)
+
+    def denoise_tokens(self, tokens: torch.Tensor, ids: torch.Tensor, t: torch.Tensor,
+                       text: dict[str, torch.Tensor]) -> torch.Tensor:
         prompt_embeds = text["prompt_embeds"]
-        txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=packed.device, dtype=packed.dtype)
-        guidance = torch.full((b,), self.guidance, device=packed.device, dtype=packed.dtype) if self.uses_guidance else None
-        out = self.denoiser(hidden_states=packed, timestep=t, guidance=guidance,
-                            pooled_projections=text["pooled_prompt_embeds"], encoder_hidden_states=prompt_embeds,
-                            txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-        return unpack_latents(out, c, h, w)
+        txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=tokens.device, dtype=tokens.dtype)
+        b = tokens.shape[0]
+        guidance = torch.full((b,), self.guidance, device=tokens.device, dtype=tokens.dtype) if self.uses_guidance else None
+        return self.denoiser(hidden_states=tokens, timestep=t, guidance=guidance,
+                             pooled_projections=text["pooled_prompt_embeds"], encoder_hidden_states=prompt_embeds,
+                             txt_ids=txt_ids, img_ids=ids, return_dict=False)[0]
+
+    def inference_pipeline(self) -> FluxPipeline:
+        return self.place_pipeline(FluxPipeline.from_pretrained(
+            self.model_dir, transformer=self.denoiser, dtype=self.compute_dtype, local_files_only=True))
 
     # --- export
     def export_lora(self, lora_state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
@@ -124,6 +139,14 @@ class FluxModule(DiffusionModule):
         transformer = FluxTransformer2DModel.from_config(self.denoiser.config)
         transformer.load_state_dict(state_dict)
         transformer.save_pretrained(out_dir / "transformer", safe_serialization=True)
+
+
+def pack_with_ids(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, C, h, w] latents -> 2x2-patch tokens [B, h*w/4, 4C] and their position ids [h*w/4, 3], as
+    FluxPipeline packs them."""
+    b, c, h, w = latents.shape
+    tokens = FluxPipeline._pack_latents(latents, b, c, h, w)
+    return tokens, FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, tokens.device, tokens.dtype)
 
 
 def unpack_latents(packed: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:

@@ -139,6 +139,17 @@ class SDXLModule(DiffusionModule):
                               f"in the original single-file layout ({type(error).__name__}: {error}). Point it at an "
                               f"SDXL .safetensors such as sd_xl_base_1.0.safetensors.") from None
 
+    def checkpointed_blocks(self) -> list[torch.nn.Module]:
+        unet = self.denoiser
+        return [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+
+    def inference_pipeline(self) -> StableDiffusionXLPipeline:
+        tokenizer, tokenizer_2 = self._tokenizers()
+        parts = {name: self.text_encoders[part] for part, name in TEXT_ENCODERS.items()}
+        return self.place_pipeline(self._from_single_file(
+            StableDiffusionXLPipeline.from_single_file, unet=self.denoiser, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, torch_dtype=self.compute_dtype, **parts))
+
     def configure_model(self) -> None:
         super().configure_model()
         # SDXL reads text encoder 1 at its penultimate layer: the last layer and the final norm never reach the

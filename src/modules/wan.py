@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel
@@ -182,18 +183,38 @@ class WanModule(DiffusionModule):
         return latent, text
 
     def load_cache_encoders(self) -> WanEncoders:
-        parts = dict(vae=formats.load_vae(self.vae_file, self.compute_dtype),
-                     text_encoder=formats.load_umt5(self.t5_file, self.compute_dtype),
-                     tokenizer=AutoTokenizer.from_pretrained(self.ckpt_dir / TOKENIZER_DIR, local_files_only=True),
-                     scheduler=FlowMatchEulerDiscreteScheduler())
-        i2v = None
-        if self.variant.i2v:
-            clip = dict(image_encoder=None, image_processor=None)
-            if self.variant.clip:
-                clip = dict(image_encoder=CLIPVisionModel.from_pretrained(self.clip_dir, dtype=self.compute_dtype),
-                            image_processor=CLIPImageProcessor.from_pretrained(self.clip_dir))
-            i2v = WanImageToVideoPipeline(**parts, **clip)
+        parts = self._pipeline_parts()
+        i2v = WanImageToVideoPipeline(**parts, **self._image_encoder()) if self.variant.i2v else None
         return WanEncoders(WanPipeline(**parts), i2v, self.max_sequence_length)
+
+    def _pipeline_parts(self, transformer: Optional[WanTransformer3DModel] = None) -> dict:
+        return dict(transformer=transformer, vae=formats.load_vae(self.vae_file, self.compute_dtype),
+                    text_encoder=formats.load_umt5(self.t5_file, self.compute_dtype),
+                    tokenizer=AutoTokenizer.from_pretrained(self.ckpt_dir / TOKENIZER_DIR, local_files_only=True),
+                    scheduler=FlowMatchEulerDiscreteScheduler())
+
+    def _image_encoder(self) -> dict:
+        """The I2V pipeline's CLIP image encoder and processor (Wan2.1 only; None for Wan2.2 A14B I2V)."""
+        if not self.variant.clip:
+            return dict(image_encoder=None, image_processor=None)
+        return dict(image_encoder=CLIPVisionModel.from_pretrained(self.clip_dir, dtype=self.compute_dtype),
+                    image_processor=CLIPImageProcessor.from_pretrained(self.clip_dir))
+
+    def inference_pipeline(self) -> WanPipeline | WanImageToVideoPipeline:
+        """The variant's diffusers pipeline with the denoiser as its only transformer (an A14B expert then
+        denoises every step)."""
+        parts = self._pipeline_parts(self.denoiser)
+        if self.variant.i2v:
+            return self.place_pipeline(WanImageToVideoPipeline(**parts, **self._image_encoder()))
+        return self.place_pipeline(WanPipeline(**parts))
+
+    def render(self, prompt: str, width: int, height: int, steps: int, seed: int, frames: int = 1,
+               **family_inputs) -> np.ndarray:
+        """Video frames [N, F, H, W, 3] in [0, 1]; image-to-video variants take the first frame as `image`."""
+        generator = torch.Generator().manual_seed(seed)
+        return self.inference_pipeline()(prompt=prompt, width=width, height=height, num_frames=frames,
+                                          num_inference_steps=steps, generator=generator, output_type="np",
+                                          **family_inputs).frames
 
     # --- training
     def load_denoiser(self) -> WanTransformer3DModel:
