@@ -37,8 +37,7 @@ def run(cfg: DictConfig) -> TrainingRun:
     (run_dir / "config.yaml").write_text(resolved)
 
     datamodule = instantiate(cfg.dataset, eval_datasets=cfg.eval_datasets, seed=cfg.seed, _convert_="all")
-    module = instantiate(cfg.model, adapter=cfg.adapter, optimizer=cfg.optimizer, scheduler=cfg.scheduler,
-                         eval_names=datamodule.eval_names, seed=cfg.seed, _recursive_=False)
+    module = build_module(cfg, datamodule.eval_names)
     exporter = ExportCallback(str(run_dir), resolved, cfg.save_every_n_steps, cfg.save_every_n_epochs, cfg.save_dtype)
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps,
                                   save_last=True, save_top_k=1)
@@ -56,6 +55,14 @@ def run(cfg: DictConfig) -> TrainingRun:
     final = run_dir / "exports" / "final"
     log.info("Final export: %s", final)
     return TrainingRun(final, module, datamodule, trainer)
+
+
+def build_module(cfg: DictConfig, eval_names: tuple[str, ...] = ()) -> Any:
+    """The family's LightningModule for a composed config (its models load in configure_model)."""
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.model, adapter=cfg.adapter, optimizer=cfg.optimizer, scheduler=cfg.scheduler,
+                       eval_names=eval_names, seed=cfg.seed, _recursive_=False)
 
 
 def _eval_schedule(cfg: DictConfig) -> dict:

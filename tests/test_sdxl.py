@@ -1,7 +1,6 @@
-"""SDXL through the real trainer and real consumers: the kohya LoRA (UNet + both text encoders) loaded by
-diffusers' StableDiffusionXLPipeline, the full fine-tune read back by from_single_file, the DDPM objectives
+"""What is special to SDXL (the conformance suite checks the LoRA in diffusers' loader, the full fine-tune reload,
+resume): the kohya keys and metadata, the full fine-tune read back by diffusers' from_single_file, the DDPM objectives
 against values computed by hand, the SGM names against the reference layout of SDXL base."""
-import logging
 import os
 import re
 import subprocess
@@ -22,7 +21,7 @@ from src.datamodules.datamodule import Sample, collate
 from src.datamodules.media import MediaItem, load_image
 from src.formats.sdxl import SDXL_BASE_CONFIG_DIR, kohya_module_name, unet_block_map, unet_to_sgm, vae_to_ldm
 from src.modules.base import DiffusionModule
-from src.modules.sdxl import SDXLCacheEncoders, SDXLModule
+from src.modules.sdxl import SDXLModule
 from src.tiny import sdxl as tiny_sdxl
 from src.tiny import tiny_model_dir
 from src.training import run
@@ -36,7 +35,6 @@ KOHYA_KEY = re.compile(
     r"^lora_(unet_(input_blocks|output_blocks)_\d+_1|unet_middle_block_1|te[12]_text_model_encoder_layers_\d+)"
     r"_(proj_in|proj_out|transformer_blocks_\d+_(attn[12]_to_(q|k|v|out_0)|ff_net_(0_proj|2))"
     r"|self_attn_(q|k|v|out)_proj|mlp_fc[12])\.(lora_down\.weight|lora_up\.weight|alpha)$")
-LOAD_PROBLEMS = ("led to unexpected keys", "led to missing keys", "No LoRA keys")
 
 
 def tiny_pipeline() -> StableDiffusionXLPipeline:
@@ -55,15 +53,6 @@ def lora_run(tmp_path_factory):
 
 def lora_file(result):
     return result.final_export / "lora.safetensors"
-
-
-@torch.no_grad()
-def unet_output(unet: UNet2DConditionModel, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 4, 8, 8, generator=g)
-    time_ids = torch.tensor([[48.0, 80.0, 0.0, 8.0, 64.0, 64.0]])
-    return unet(latents, torch.tensor([600]), encoder_hidden_states=prompt_embeds,
-                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
 
 
 def test_lora_trains_unet_and_both_text_encoders(lora_run):
@@ -86,32 +75,6 @@ def test_two_process_ddp_trains_every_part(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     keys = load_file(tmp_path / "run" / "exports" / "final" / "lora.safetensors")
     assert {k.split("_")[1] for k in keys} == {"unet", "te1", "te2"}
-
-
-def test_kohya_lora_loads_in_diffusers_and_reproduces_our_model(lora_run, caplog):
-    ours = lora_run.module.eval()
-    pipe = tiny_pipeline()
-    base_embeds, _, base_pooled, _ = pipe.encode_prompt("a photo of a cat", do_classifier_free_guidance=False)
-    base_output = unet_output(pipe.unet, base_embeds, base_pooled)
-    with caplog.at_level(logging.WARNING):
-        pipe.load_lora_weights(lora_run.final_export)  # raises if a key is left unconverted
-    assert not [r.getMessage() for r in caplog.records if any(p in r.getMessage() for p in LOAD_PROBLEMS)]
-    for part, name in PARTS.items():
-        injected = sum(1 for _, m in getattr(pipe, name).named_modules() if hasattr(m, "lora_A"))
-        trained = sum(1 for _, m in ours.model_parts()[part].named_modules() if hasattr(m, "lora_A"))
-        assert injected == trained > 0, part
-
-    theirs_embeds, _, theirs_pooled, _ = pipe.encode_prompt("a photo of a cat", do_classifier_free_guidance=False)
-    ids = SDXLCacheEncoders(pipe.vae, (pipe.tokenizer, pipe.tokenizer_2)).encode_captions(["a photo of a cat"])[0]
-    with torch.no_grad():
-        our_embeds, our_pooled = ours.encode_prompt(ids["input_ids_1"][None], ids["input_ids_2"][None])
-    assert not torch.allclose(our_embeds, base_embeds, atol=1e-4), "the text-encoder LoRAs changed nothing"
-    torch.testing.assert_close(theirs_embeds, our_embeds, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(theirs_pooled, our_pooled, rtol=1e-5, atol=1e-5)
-
-    ours_out = unet_output(ours.denoiser, our_embeds, our_pooled)
-    assert not torch.allclose(ours_out, base_output, atol=1e-4), "the LoRA changed nothing"
-    torch.testing.assert_close(unet_output(pipe.unet, our_embeds, our_pooled), ours_out, rtol=1e-5, atol=1e-5)
 
 
 def test_kohya_keys_names_alpha_and_metadata(lora_run):
@@ -154,12 +117,6 @@ def test_full_finetune_exports_the_original_checkpoint_that_loads_back(tmp_path)
     vae, vae_before = reloaded.vae.state_dict(), original.vae.state_dict()
     assert vae.keys() == vae_before.keys() and all(torch.equal(vae[k], vae_before[k]) for k in vae)
 
-    second = run(compose_config(tmp_path / "second", *FAST, "adapter=none", "trainer.max_steps=0",
-                                f"model.checkpoint_path={exported}"))
-    for part, module in second.module.model_parts().items():
-        for key, tensor in module.state_dict().items():
-            assert torch.equal(tensor, trained[part].state_dict()[key]), (part, key)
-
 
 def test_part_learning_rates_and_freezing(tmp_path):
     result = run(compose_config(tmp_path / "run", *FAST, "trainer.max_steps=2", "optimizer.lr=1e-2",
@@ -173,18 +130,6 @@ def test_part_learning_rates_and_freezing(tmp_path):
     assert not any(hasattr(m, "lora_A") for m in parts["text_encoder_1"].modules())
     keys = load_file(lora_file(result))
     assert not any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
-
-
-def test_resumed_run_ends_with_the_same_lora(tmp_path):
-    """Checkpoints hold the text encoders' LoRAs too: stopping at step 2 and resuming gives the straight run's file."""
-    common = (*FAST, "checkpoint_every_n_steps=2", "optimizer.lr=1e-2", "trainer.max_steps=4")
-    straight = run(compose_config(tmp_path / "straight", *common))
-    run(compose_config(tmp_path / "stopped", *common, "trainer.max_steps=2"))
-    resumed = run(compose_config(tmp_path / "resumed", *common, f"resume={tmp_path / 'stopped'}"))
-    expected, actual = load_file(lora_file(straight)), load_file(lora_file(resumed))
-    assert expected.keys() == actual.keys() and any(k.startswith("lora_te2_") for k in expected)
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
 
 
 # --- the DDPM objectives, by hand

@@ -262,6 +262,11 @@ class DiffusionModule(LightningModule, ABC):
 
     # --- training
     def forward_loss(self, batch: dict[str, Any], t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        prediction, target = self.denoise(batch, t, noise)
+        return weighted_mse(prediction, target, self.noise_schedule.loss_weights(t.to(prediction.device)))
+
+    def denoise(self, batch: dict[str, Any], t: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The denoiser's prediction for the batch's latents noised to `t` with `noise`, and its target."""
         latents = batch["latents"].to(self.compute_dtype)
         noise = noise.to(latents.device, self.compute_dtype)
         t = t.to(latents.device)
@@ -269,7 +274,7 @@ class DiffusionModule(LightningModule, ABC):
         extra = {"cond": self._to_compute(batch["cond"])} if "cond" in batch else {}
         prediction = self.predict(schedule.add_noise(latents, noise, t), self._denoiser_timesteps(t),
                                   self.conditioning(batch), **extra)
-        return weighted_mse(prediction, schedule.target(latents, noise, t), schedule.loss_weights(t))
+        return prediction, schedule.target(latents, noise, t)
 
     def _denoiser_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         timesteps = self.noise_schedule.denoiser_timesteps(t)
