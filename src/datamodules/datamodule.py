@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 PROBE_INDEX_NAME = "media_probes.json"  # in the cache root: see media.ProbeIndex
 DIRECTORY_KEYS = ("resolutions", "enable_ar_bucket", "min_ar", "max_ar", "num_ar_buckets", "ar_buckets",
                   "num_repeats", "caption_prefix", "frame_buckets", "video_clip_mode")
+CONTROL_KEYS = ("control_path", "control_paths")  # a folder inherits both or neither (see _with_defaults)
 
 
 GEOMETRY_KEYS = ("original_size", "crop_top_left", "target_size")  # see Sample.geometry
@@ -163,8 +164,7 @@ class DiffusionDataModule(LightningDataModule):
         defaults = dict(resolutions=resolutions, enable_ar_bucket=enable_ar_bucket, min_ar=min_ar, max_ar=max_ar,
                         num_ar_buckets=num_ar_buckets, ar_buckets=ar_buckets, num_repeats=num_repeats,
                         caption_prefix=caption_prefix, frame_buckets=list(frame_buckets),
-                        video_clip_mode=video_clip_mode,
-                        controls=_control_folders(dict(control_path=control_path, control_paths=control_paths)) or ())
+                        video_clip_mode=video_clip_mode, control_path=control_path, control_paths=control_paths)
         self.directories = [_with_defaults({"path": path}, defaults)] if path else []
         self.directories += [_with_defaults(d, defaults) for d in directories]
         self.eval_directories = {d["name"]: _with_defaults(d, defaults) for d in eval_datasets}
@@ -229,7 +229,7 @@ class DiffusionDataModule(LightningDataModule):
     def _scan(self, directory: dict, probes: ProbeIndex, module) -> dict[MediaItem, list[tuple[int, ...]]]:
         """The folder's usable items (with their controls) and the clips each contributes; reports the rest."""
         scan = scan_directory(directory["path"], directory["caption_prefix"], probes)
-        controls = ControlFolders(directory["controls"], probes)
+        controls = ControlFolders(control_folders(directory), probes)
         items = [controls.attach(item) for item in scan.items]
         clips = {item: self._clips(item, directory, module) for item in items if isinstance(item, MediaItem)}
         skipped = scan.skipped + [s for s in [*items, *clips.values()] if isinstance(s, SkippedFile)]
@@ -343,22 +343,20 @@ def check_frame_buckets(buckets: list[int], multiple: int, directory: dict) -> N
 
 def _with_defaults(directory: dict, defaults: dict) -> dict:
     merged = {**defaults, **{k: v for k, v in directory.items() if v is not None}}
-    own_controls = _control_folders(directory)
-    return {**{k: merged[k] for k in ("path", "name", *DIRECTORY_KEYS) if k in merged},
-            "controls": defaults["controls"] if own_controls is None else own_controls}
+    if any(directory.get(k) is not None for k in CONTROL_KEYS):  # its own control folders replace the dataset's
+        merged.update({k: directory.get(k) for k in CONTROL_KEYS})
+    return {k: merged[k] for k in ("path", "name", *DIRECTORY_KEYS, *CONTROL_KEYS) if k in merged}
 
 
-def _control_folders(entry: dict) -> Optional[tuple[str, ...]]:
-    """The entry's control folders (`control_paths`, or `control_path` as one), None where it sets neither (a
-    directory then inherits the dataset's)."""
-    single, several = entry.get("control_path"), entry.get("control_paths")
+def control_folders(directory: dict) -> tuple[str, ...]:
+    """The folder's control folders: `control_paths`, or `control_path` as the one."""
+    single, several = directory.get("control_path"), directory.get("control_paths")
     if single is not None and several is not None:
-        raise ConfigError(f"control_path={single} and control_paths={list(several)} are both set"
-                          f"{' for ' + str(entry['path']) if entry.get('path') else ''}; list every control folder "
-                          f"in control_paths.")
+        raise ConfigError(f"control_path={single} and control_paths={list(several)} are both set for "
+                          f"{directory['path']}; list every control folder in control_paths.")
     if several is not None:
         return tuple(map(str, several))
-    return None if single is None else (str(single),)
+    return () if single is None else (str(single),)
 
 
 def _unique(samples) -> list[Sample]:
