@@ -15,6 +15,7 @@ from PIL import Image
 from src.config.schema import MODEL_SCHEMAS, FluxConfig
 from src.datamodules.cache import EmbeddingCache, is_complete_safetensors
 from src.datamodules.datamodule import EmptyDatasetError
+from src.modules.base import DiffusionModule
 from src.modules.flux import FluxModule
 from src.training import run
 from tests.conftest import EXAMPLE_IMAGES
@@ -171,3 +172,63 @@ def test_encoders_are_freed_after_caching(make_config, monkeypatch):
     run(make_config(*FAST, f"model._target_={__name__}.FluxKeepingWatch"))
     gc.collect()
     assert FluxKeepingWatch.handed_out and all(ref() is None for ref in FluxKeepingWatch.handed_out)
+
+
+class UnpaddedT5Encoders:
+    """Flux's real cache encoders, but each caption's T5 embeddings cut to its own token count (a family that
+    caches unpadded text); notes every caption's length."""
+
+    lengths: dict[str, int] = {}
+
+    def __init__(self, flux):
+        self.flux = flux
+
+    def to(self, device: torch.device) -> "UnpaddedT5Encoders":
+        self.flux.to(device)
+        return self
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.flux.encode_images(pixels)
+
+    def encode_captions(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
+        tokens = self.flux.pipe.tokenizer_2(captions).input_ids
+        self.lengths.update({caption: len(ids) for caption, ids in zip(captions, tokens)})
+        return [{**text, "prompt_embeds": text["prompt_embeds"][:len(ids)]}
+                for text, ids in zip(self.flux.encode_captions(captions), tokens)]
+
+
+class FluxUnpaddedText(FluxModule):
+    batches = []
+
+    def load_cache_encoders(self) -> UnpaddedT5Encoders:
+        return UnpaddedT5Encoders(super().load_cache_encoders())
+
+    def training_step(self, batch, batch_idx):
+        self.batches.append(batch)
+        return super().training_step(batch, batch_idx)
+
+
+def test_text_of_different_lengths_is_padded_per_batch_with_a_mask(make_config, tmp_path, monkeypatch):
+    monkeypatch.setitem(MODEL_SCHEMAS, f"{__name__}.FluxUnpaddedText", FluxConfig)
+    square = [image for image in EXAMPLES if Image.open(image).size == (160, 160)]
+    data = copy_examples(tmp_path / "data", square)
+    (data / square[0].with_suffix(".txt").name).write_text("a circle")
+    (data / square[1].with_suffix(".txt").name).write_text("a black triangle drawn on a green background, centred")
+    result = run(make_config(*FAST, f"dataset.path={data}", "dataset.batch_size=2",
+                             f"model._target_={__name__}.FluxUnpaddedText"))
+
+    (batch,) = FluxUnpaddedText.batches
+    lengths = [UnpaddedT5Encoders.lengths[s.item.caption] for s in result.datamodule.train_set.samples]
+    assert len(set(lengths)) == 2
+    embeds, mask = batch["text"]["prompt_embeds"], batch["text"]["prompt_embeds_mask"]
+    assert mask.dtype == torch.bool and mask.shape == embeds.shape[:2] == (2, max(lengths))
+    assert sorted(mask.sum(1).tolist()) == sorted(lengths)
+    assert torch.all(embeds[~mask] == 0) and mask[:, 0].all() and (mask[:, :-1] >= mask[:, 1:]).all()
+    assert "pooled_prompt_embeds_mask" not in batch["text"]  # equal shapes: stacked as before
+
+
+def test_fixed_length_text_is_stacked_without_a_mask():
+    texts = [{"prompt_embeds": torch.randn(5, 3), "pooled": torch.randn(4)} for _ in range(2)]
+    batch = DiffusionModule.collate_text(texts)
+    assert batch.keys() == {"prompt_embeds", "pooled"}
+    assert torch.equal(batch["prompt_embeds"], torch.stack([t["prompt_embeds"] for t in texts]))

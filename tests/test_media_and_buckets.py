@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import ExifTags, Image
 
+from src.config.validate import ConfigError
 from src.datamodules.buckets import (
     BucketBatchSampler,
     aspect_ratio_buckets,
@@ -15,7 +16,7 @@ from src.datamodules.buckets import (
     bucket_size,
     resolution_area,
 )
-from src.datamodules.media import MediaItem, load_image, scan_directory
+from src.datamodules.media import ControlFolders, MediaItem, SkippedFile, load_image, scan_directory
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -271,3 +272,28 @@ def test_sampler_rejects_state_beyond_epoch():
     sampler = BucketBatchSampler(BUCKET_KEYS, batch_size=4, seed=0)
     with pytest.raises(ValueError, match="dataset or batch size"):
         sampler.load_state_dict({"epoch": 0, "batches_yielded": len(sampler) + 1})
+
+
+def test_controls_match_targets_by_stem_with_any_extension_and_unusable_ones_skip_the_target(tmp_path: Path):
+    targets, controls = tmp_path / "targets", tmp_path / "controls"
+    targets.mkdir()
+    controls.mkdir()
+    for stem in ("good", "corrupt", "missing"):
+        Image.new("RGB", (32, 16), RED).save(targets / f"{stem}.jpg")
+        (targets / f"{stem}.txt").write_text(stem, encoding="utf-8")
+    Image.new("RGB", (8, 8), GREEN).save(controls / "good.webp")
+    (controls / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    Image.new("RGB", (8, 8), BLUE).save(controls / "no_target.png")
+    (controls / "missing.txt").write_text("a caption is not a control image", encoding="utf-8")
+
+    folders = ControlFolders([controls])
+    attached = {item.path.stem: folders.attach(item) for item in scan_directory(targets).items}
+    assert attached["good"].controls == (controls / "good.webp",)
+    assert attached["corrupt"] == SkippedFile(targets / "corrupt.jpg", attached["corrupt"].reason)
+    assert str(controls / "corrupt.png") in attached["corrupt"].reason and "unreadable image" in attached["corrupt"].reason
+    assert attached["missing"].path == targets / "missing.jpg" and str(controls) in attached["missing"].reason
+
+
+def test_a_missing_control_folder_is_a_config_error_naming_it(tmp_path: Path):
+    with pytest.raises(ConfigError, match=f"Control folder.* not found: {tmp_path / 'absent'}"):
+        ControlFolders([tmp_path / "absent"])

@@ -82,6 +82,8 @@ class DirectoryConfig:
     caption_prefix: Optional[str] = None
     frame_buckets: Optional[list[int]] = None
     video_clip_mode: Optional[str] = None
+    control_path: Optional[str] = None  # control / reference images, same stems as the targets
+    control_paths: Optional[list[str]] = None  # several control folders (one reference image from each)
 
 
 @dataclass
@@ -99,6 +101,8 @@ class DatasetConfig:
     caption_prefix: str = ""
     frame_buckets: list[int] = field(default_factory=lambda: [1])
     video_clip_mode: str = "single_beginning"
+    control_path: Optional[str] = None
+    control_paths: Optional[list[str]] = None
     batch_size: int = 1
     num_workers: int = 0
     cache_dir: Optional[str] = None

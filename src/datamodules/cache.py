@@ -1,9 +1,10 @@
 """On-disk cache of latents and text embeddings, one safetensors file per item.
 
-A latent's key hashes the media file's bytes, the crop size, a video clip's frames and the VAE's fingerprint;
-a text embedding's key hashes the caption and the text encoders' fingerprint. So a change of family, encoder, resolution or file
-content misses exactly the affected items, and an unchanged item is never encoded twice. Files are written
-atomically; a truncated file fails the size check and is re-encoded, never trained on."""
+A latent's key hashes the media file's bytes (and those of its control images), the crop size, a video clip's
+frames and the VAE's fingerprint; a text embedding's key hashes the caption and the text encoders' fingerprint (and,
+for text encoders that see the control images, their bytes and crop size). So a change of family, encoder,
+resolution or file content misses exactly the affected items, and an unchanged item is never encoded twice.
+Files are written atomically; a truncated file fails the size check and is re-encoded, never trained on."""
 import hashlib
 import json
 import struct
@@ -59,14 +60,19 @@ class EmbeddingCache:
         self.root = Path(root)
 
     def latent_path(self, content_digest: str, size: tuple[int, int], encoder_fingerprint: str,
-                    frames: tuple[int, ...] = ()) -> Path:
-        """`frames`: the source frame indices of a video clip (an image's key has none)."""
+                    frames: tuple[int, ...] = (), control_digests: tuple[str, ...] = ()) -> Path:
+        """`frames`: the source frame indices of a video clip (an image's key has none); `control_digests`: the
+        content digests of the item's control images (none: the key of an item without controls)."""
         clip = f":frames={','.join(map(str, frames))}" if frames else ""
-        key = hashlib.sha256(f"{content_digest}:{size[0]}x{size[1]}:{encoder_fingerprint}{clip}".encode()).hexdigest()
+        key = hashlib.sha256(f"{content_digest}:{size[0]}x{size[1]}:{encoder_fingerprint}{clip}"
+                             f"{_controls_key(control_digests)}".encode()).hexdigest()
         return self.root / "latents" / key[:2] / f"{key}.safetensors"
 
-    def text_path(self, caption: str, encoder_fingerprint: str) -> Path:
-        key = hashlib.sha256(f"{caption}\0{encoder_fingerprint}".encode()).hexdigest()
+    def text_path(self, caption: str, encoder_fingerprint: str, control_digests: tuple[str, ...] = (),
+                  size: tuple[int, int] = (0, 0)) -> Path:
+        """`control_digests` and `size` only for text encoders that see the controls (cropped to `size`)."""
+        images = f"{_controls_key(control_digests)}@{size[0]}x{size[1]}" if control_digests else ""
+        key = hashlib.sha256(f"{caption}\0{encoder_fingerprint}{images}".encode()).hexdigest()
         return self.root / "text" / key[:2] / f"{key}.safetensors"
 
     @staticmethod
@@ -80,3 +86,7 @@ class EmbeddingCache:
     @staticmethod
     def read(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
+
+
+def _controls_key(control_digests: tuple[str, ...]) -> str:
+    return f":controls={','.join(control_digests)}" if control_digests else ""

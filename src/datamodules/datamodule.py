@@ -5,12 +5,16 @@ unchanged since is not decoded again, see media.ProbeIndex), assigns every item 
 resolution (and every video clip to its frame bucket, after resampling the video to the model's framerate), makes
 sure each item has cached latents and text embeddings (loading the family's encoders only if something is missing,
 splitting the work across ranks), then frees the encoders.
-Batches come from one (width, height, frames) bucket each, in a reproducible shuffled order, sharded by rank,
-resumable mid-epoch."""
+Edit datasets: a folder's `control_path` (or `control_paths`) names folders of control images with the targets'
+stems; each control is cropped to its target's bucket size and encoded with it (CacheEncoders.encode_images).
+Batches come from one (width, height, frames, controls) bucket each, in a reproducible shuffled order, sharded by
+rank, resumable mid-epoch; the family collates its text tensors (DiffusionModule.collate_text)."""
+import inspect
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from lightning import LightningDataModule
@@ -18,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from src.config.validate import ConfigError
+from src.modules.base import DiffusionModule
 
 from .buckets import (
     BucketBatchSampler,
@@ -29,6 +34,7 @@ from .buckets import (
 )
 from .cache import EmbeddingCache
 from .media import (
+    ControlFolders,
     MediaItem,
     ProbeIndex,
     SkippedFile,
@@ -44,6 +50,7 @@ log = logging.getLogger(__name__)
 PROBE_INDEX_NAME = "media_probes.json"  # in the cache root: see media.ProbeIndex
 DIRECTORY_KEYS = ("resolutions", "enable_ar_bucket", "min_ar", "max_ar", "num_ar_buckets", "ar_buckets",
                   "num_repeats", "caption_prefix", "frame_buckets", "video_clip_mode")
+CONTROL_KEYS = ("control_path", "control_paths")  # a folder inherits both or neither (see _with_defaults)
 
 
 GEOMETRY_KEYS = ("original_size", "crop_top_left", "target_size")  # see Sample.geometry
@@ -65,9 +72,16 @@ class Sample:
     frames: tuple[int, ...] = ()
 
     @property
-    def bucket(self) -> tuple[int, int, int]:
-        """(width, height, frames): batches never mix buckets."""
-        return (*self.size, len(self.frames) or 1)
+    def bucket(self) -> tuple[int, int, int, int]:
+        """(width, height, frames, number of controls): batches never mix buckets."""
+        return (*self.size, len(self.frames) or 1, len(self.item.controls))
+
+    def load_controls(self) -> torch.Tensor:
+        """The item's control images [K, 3, h, w] in [-1, 1], each scaled and centre-cropped to the sample's size
+        as the target is (K = 0 without controls)."""
+        if not self.item.controls:
+            return torch.empty(0, 3, *self.size[::-1])
+        return torch.stack([load_image(path, self.size) for path in self.item.controls])
 
     def geometry(self) -> dict[str, torch.Tensor]:
         """(height, width) pairs describing the crop the latents were encoded from: the source media's size,
@@ -94,7 +108,7 @@ class CachedDataset(Dataset):
 
 
 class MediaToEncode(Dataset):
-    """Decodes and crops media for caching, in worker processes."""
+    """Decodes and crops media for caching, in worker processes: (index, pixels, controls [K, 3, h, w])."""
 
     def __init__(self, samples: list[Sample]):
         self.samples = samples
@@ -102,16 +116,22 @@ class MediaToEncode(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         sample = self.samples[index]
         if sample.frames:
-            return index, load_video(sample.item.path, sample.size, sample.frames)
-        return index, load_image(sample.item.path, sample.size)
+            pixels = load_video(sample.item.path, sample.size, sample.frames)
+        else:
+            pixels = load_image(sample.item.path, sample.size)
+        return index, pixels, sample.load_controls()
 
 
-def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+TextCollate = Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]
+
+
+def collate(batch: list[dict[str, Any]], collate_text: TextCollate = DiffusionModule.collate_text) -> dict[str, Any]:
+    """`collate_text`: the family's (text tensors may differ in length; the family pads and masks them)."""
     out = {"latents": torch.stack([b["latents"] for b in batch]),
-           "text": {k: torch.stack([b["text"][k] for b in batch]) for k in batch[0]["text"]},
+           "text": collate_text([b["text"] for b in batch]),
            **{k: torch.stack([b[k] for b in batch]) for k in GEOMETRY_KEYS}}
     if "cond" in batch[0]:
         out["cond"] = {k: torch.stack([b["cond"][k] for b in batch]) for k in batch[0]["cond"]}
@@ -136,14 +156,15 @@ class DiffusionDataModule(LightningDataModule):
     def __init__(self, path: Optional[str] = None, directories: list[dict] = (), resolutions: list = (512,),
                  enable_ar_bucket: bool = True, min_ar: float = 0.5, max_ar: float = 2.0, num_ar_buckets: int = 7,
                  ar_buckets: Optional[list] = None, num_repeats: int = 1, caption_prefix: str = "",
-                 frame_buckets: list = (1,), video_clip_mode: str = "single_beginning", batch_size: int = 1,
+                 frame_buckets: list = (1,), video_clip_mode: str = "single_beginning",
+                 control_path: Optional[str] = None, control_paths: Optional[list[str]] = None, batch_size: int = 1,
                  num_workers: int = 0, cache_dir: Optional[str] = None, cache_workers: int = 1,
                  eval_datasets: list[dict] = (), seed: int = 42):
         super().__init__()
         defaults = dict(resolutions=resolutions, enable_ar_bucket=enable_ar_bucket, min_ar=min_ar, max_ar=max_ar,
                         num_ar_buckets=num_ar_buckets, ar_buckets=ar_buckets, num_repeats=num_repeats,
                         caption_prefix=caption_prefix, frame_buckets=list(frame_buckets),
-                        video_clip_mode=video_clip_mode)
+                        video_clip_mode=video_clip_mode, control_path=control_path, control_paths=control_paths)
         self.directories = [_with_defaults({"path": path}, defaults)] if path else []
         self.directories += [_with_defaults(d, defaults) for d in directories]
         self.eval_directories = {d["name"]: _with_defaults(d, defaults) for d in eval_datasets}
@@ -190,25 +211,32 @@ class DiffusionDataModule(LightningDataModule):
               module, repeat: bool) -> list[Sample]:
         samples = []
         for directory in directories:
-            scan = scan_directory(directory["path"], directory["caption_prefix"], probes)
-            clips = {item: self._clips(item, directory, module) for item in scan.items}
-            for skipped in scan.skipped + [s for s in clips.values() if isinstance(s, SkippedFile)]:
-                log.warning("Skipping %s: %s", skipped.path, skipped.reason)
-                self.skipped.append(skipped)
             ars = aspect_ratio_buckets(directory["enable_ar_bucket"], directory["min_ar"], directory["max_ar"],
                                        directory["num_ar_buckets"], directory["ar_buckets"])
-            for item, item_clips in clips.items():
-                if isinstance(item_clips, SkippedFile):
-                    continue
+            for item, item_clips in self._scan(directory, probes, module).items():
                 digest = probes.digest(item.path)
-                text_path = cache.text_path(item.caption, text_fp)
+                controls = tuple(probes.digest(path) for path in item.controls)
+                text_controls = controls if module.text_depends_on_images else ()
                 for size in assign_buckets(item.width, item.height, directory["resolutions"], ars,
                                            module.pixels_round_to_multiple):
+                    text_path = cache.text_path(item.caption, text_fp, text_controls, size)
                     for frames in item_clips:
-                        sample = Sample(item, size, cache.latent_path(digest, size, latent_fp, frames), text_path,
-                                        frames)
+                        latent_path = cache.latent_path(digest, size, latent_fp, frames, controls)
+                        sample = Sample(item, size, latent_path, text_path, frames)
                         samples += [sample] * (directory["num_repeats"] if repeat else 1)
         return samples
+
+    def _scan(self, directory: dict, probes: ProbeIndex, module) -> dict[MediaItem, list[tuple[int, ...]]]:
+        """The folder's usable items (with their controls) and the clips each contributes; reports the rest."""
+        scan = scan_directory(directory["path"], directory["caption_prefix"], probes)
+        controls = ControlFolders(control_folders(directory), probes)
+        items = [controls.attach(item) for item in scan.items]
+        clips = {item: self._clips(item, directory, module) for item in items if isinstance(item, MediaItem)}
+        skipped = scan.skipped + [s for s in [*items, *clips.values()] if isinstance(s, SkippedFile)]
+        for skip in sorted(skipped, key=lambda s: s.path):
+            log.warning("Skipping %s: %s", skip.path, skip.reason)
+            self.skipped.append(skip)
+        return {item: item_clips for item, item_clips in clips.items() if not isinstance(item_clips, SkippedFile)}
 
     @staticmethod
     def _clips(item: MediaItem, directory: dict, module) -> list[tuple[int, ...]] | SkippedFile:
@@ -240,8 +268,9 @@ class DiffusionDataModule(LightningDataModule):
         mine_latents, mine_text = missing_latents[rank::world], missing_text[rank::world]
         if mine_latents or mine_text:
             encoders = module.load_cache_encoders().to(strategy.root_device)
+            check_accepts_controls(mine_latents, encoders, module)
             self._encode_latents(mine_latents, encoders)
-            self._encode_captions(mine_text, encoders)
+            self._encode_captions(mine_text, encoders, module.text_depends_on_images)
             del encoders
             log.info("Cache: encoded %d latent(s) and %d caption(s) into %s.", len(mine_latents), len(mine_text),
                      self.cache_root)
@@ -252,21 +281,24 @@ class DiffusionDataModule(LightningDataModule):
 
     def _encode_latents(self, samples: list[Sample], encoders) -> None:
         loader = DataLoader(MediaToEncode(samples), batch_size=None, num_workers=self.cache_workers)
-        for index, pixels in tqdm(loader, total=len(samples), desc="Caching latents", unit="item"):
-            encoded = encoders.encode_images(pixels.unsqueeze(0))
+        for index, pixels, controls in tqdm(loader, total=len(samples), desc="Caching latents", unit="item"):
+            with_controls = {"controls": controls.unsqueeze(0)} if len(controls) else {}
+            encoded = encoders.encode_images(pixels.unsqueeze(0), **with_controls)
             tensors = {k: v[0] for k, v in encoded.items()} if isinstance(encoded, dict) else {"latents": encoded[0]}
             EmbeddingCache.write(samples[index].latent_path, tensors)
 
-    def _encode_captions(self, samples: list[Sample], encoders, batch_size: int = 16) -> None:
+    def _encode_captions(self, samples: list[Sample], encoders, with_images: bool, batch_size: int = 16) -> None:
+        """`with_images`: the text encoders also see each item's controls (None for an item without)."""
         for start in tqdm(range(0, len(samples), batch_size), desc="Caching text", unit="batch"):
             chunk = samples[start:start + batch_size]
-            for sample, tensors in zip(chunk, encoders.encode_captions([s.item.caption for s in chunk])):
+            images = {"images": [s.load_controls() if s.item.controls else None for s in chunk]} if with_images else {}
+            for sample, tensors in zip(chunk, encoders.encode_captions([s.item.caption for s in chunk], **images)):
                 EmbeddingCache.write(sample.text_path, tensors)
 
     def train_dataloader(self) -> ResumableDataLoader:
         sampler = BucketBatchSampler([s.bucket for s in self.train_set.samples], self.batch_size, self.seed,
                                      rank=self.trainer.global_rank, world_size=self.trainer.world_size)
-        loader = ResumableDataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate,
+        loader = ResumableDataLoader(self.train_set, batch_sampler=sampler, collate_fn=self._collate(),
                                      num_workers=self.num_workers)
         loader.trainer = self.trainer
         return loader
@@ -274,8 +306,11 @@ class DiffusionDataModule(LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         return [DataLoader(dataset, batch_sampler=BucketBatchSampler(
                     [s.bucket for s in dataset.samples], self.batch_size, self.seed, rank=self.trainer.global_rank,
-                    world_size=self.trainer.world_size, shuffle=False), collate_fn=collate)
+                    world_size=self.trainer.world_size, shuffle=False), collate_fn=self._collate())
                 for dataset in self.eval_sets.values()]
+
+    def _collate(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        return partial(collate, collate_text=self.trainer.lightning_module.collate_text)
 
 
 def check_media_kind(item: MediaItem, module) -> None:
@@ -284,6 +319,18 @@ def check_media_kind(item: MediaItem, module) -> None:
         raise ConfigError(f"{item.path} is an image, but {type(module).__name__} ({module.cache_name}) trains "
                           f"image-to-video and needs videos only (the first frame conditions the rest). Remove the "
                           f"images from the dataset, or use a text-to-video model such as model=wan21_t2v.")
+
+
+def check_accepts_controls(samples: list[Sample], encoders, module) -> None:
+    """Controls go to encode_images(pixels, controls=...): a family without that argument cannot train on them."""
+    if not any(s.item.controls for s in samples):
+        return
+    parameters = inspect.signature(encoders.encode_images).parameters
+    if "controls" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        raise ConfigError(f"The dataset has control images (dataset.control_path / control_paths, e.g. "
+                          f"{samples[0].item.controls[0]}), but {type(module).__name__} ({module.cache_name}) does "
+                          f"not train with control images. Use a model that does (an edit model such as "
+                          f"model=flux_kontext), or remove control_path from the dataset.")
 
 
 def check_frame_buckets(buckets: list[int], multiple: int, directory: dict) -> None:
@@ -296,7 +343,20 @@ def check_frame_buckets(buckets: list[int], multiple: int, directory: dict) -> N
 
 def _with_defaults(directory: dict, defaults: dict) -> dict:
     merged = {**defaults, **{k: v for k, v in directory.items() if v is not None}}
-    return {k: merged[k] for k in ("path", "name", *DIRECTORY_KEYS) if k in merged}
+    if any(directory.get(k) is not None for k in CONTROL_KEYS):  # its own control folders replace the dataset's
+        merged.update({k: directory.get(k) for k in CONTROL_KEYS})
+    return {k: merged[k] for k in ("path", "name", *DIRECTORY_KEYS, *CONTROL_KEYS) if k in merged}
+
+
+def control_folders(directory: dict) -> tuple[str, ...]:
+    """The folder's control folders: `control_paths`, or `control_path` as the one."""
+    single, several = directory.get("control_path"), directory.get("control_paths")
+    if single is not None and several is not None:
+        raise ConfigError(f"control_path={single} and control_paths={list(several)} are both set for "
+                          f"{directory['path']}; list every control folder in control_paths.")
+    if several is not None:
+        return tuple(map(str, several))
+    return () if single is None else (str(single),)
 
 
 def _unique(samples) -> list[Sample]:

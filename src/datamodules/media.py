@@ -1,4 +1,5 @@
-"""Media-folder scanning and loading: one image or video per item, its caption in `<stem>.txt` beside it.
+"""Media-folder scanning and loading: one image or video per item, its caption in `<stem>.txt` beside it, and
+optionally control / reference images with the same stem in other folders (`ControlFolders`).
 
 Videos are decoded with PyAV. A video item records its decoded frame count and framerate; `resample_indices`
 maps it onto a model's framerate and `load_video` decodes the chosen frames as one clip.
@@ -9,7 +10,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Optional
@@ -20,6 +21,7 @@ from PIL import ExifTags, Image, ImageOps
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from src.config.validate import ConfigError
 from src.utils.atomic import write_text
 
 from .cache import file_digest
@@ -42,6 +44,7 @@ class MediaItem:
     height: int
     num_frames: int = 1  # decoded frames of a video; 1 for an image
     fps: Optional[Fraction] = None  # a video's average framerate; None for an image
+    controls: tuple[Path, ...] = ()  # control / reference images, one per control folder
 
     @property
     def is_video(self) -> bool:
@@ -97,16 +100,58 @@ def scan_directory(path: str | Path, caption_prefix: str = "", probe_index: Opti
 
 
 def _scan_media(media_path: Path, caption_prefix: str, probe_index: Optional["ProbeIndex"]) -> MediaItem | SkippedFile:
-    stat = media_path.stat()
-    if stat.st_size == 0:
-        return SkippedFile(media_path, f"empty {_media_kind(media_path)} file (0 bytes)")
-    probe = probe_index.probe(media_path, stat) if probe_index is not None else probe_media(media_path)
+    probe = _probe_file(media_path, probe_index)
     if isinstance(probe, str):
         return SkippedFile(media_path, probe)
     caption = _read_caption(media_path)
     if isinstance(caption, SkippedFile):
         return caption
     return MediaItem(media_path, caption_prefix + caption, *probe)
+
+
+def _probe_file(path: Path, probe_index: Optional["ProbeIndex"]) -> Probe | str:
+    """`probe_media`'s verdict, remembered in `probe_index` if given; an empty file is refused unread."""
+    stat = path.stat()
+    if stat.st_size == 0:
+        return f"empty {_media_kind(path)} file (0 bytes)"
+    return probe_index.probe(path, stat) if probe_index is not None else probe_media(path)
+
+
+class ControlFolders:
+    """The control / reference images of a dataset folder's targets (edit datasets): in each control folder,
+    the image with the target's stem, any image extension. Images there without a target are ignored."""
+
+    def __init__(self, folders: Sequence[str | Path], probe_index: Optional["ProbeIndex"] = None):
+        self.folders = [Path(folder) for folder in folders]
+        missing = [str(folder) for folder in self.folders if not folder.is_dir()]
+        if missing:
+            raise ConfigError(f"Control folder(s) not found: {', '.join(missing)}. dataset.control_path (or "
+                              f"control_paths) should name folders of control images named like their targets.")
+        self.images = [_images_by_stem(folder) for folder in self.folders]
+        self.probe_index = probe_index
+
+    def attach(self, item: MediaItem) -> MediaItem | SkippedFile:
+        """The item with its controls (one from each folder), or why it cannot be used."""
+        controls = []
+        for folder, images in zip(self.folders, self.images):
+            control = images.get(item.path.stem)
+            if control is None:
+                return SkippedFile(item.path, f"no control image for it in {folder} (expected {item.path.stem} "
+                                              f"with an image extension: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+            verdict = _probe_file(control, self.probe_index)
+            if isinstance(verdict, str):
+                return SkippedFile(item.path, f"its control image {control} cannot be used: {verdict}")
+            controls.append(control)
+        return replace(item, controls=tuple(controls))
+
+
+def _images_by_stem(folder: Path) -> dict[str, Path]:
+    """Each stem's image in `folder` (of several with one stem, the first by name)."""
+    images = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and is_image_file(path) and not path.name.startswith("."):
+            images.setdefault(path.stem, path)
+    return images
 
 
 def _media_kind(path: Path) -> str:

@@ -36,13 +36,21 @@ class CacheEncoders(Protocol):
 
     def to(self, device: torch.device) -> "CacheEncoders": ...
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+    def encode_images(self, pixels: torch.Tensor, controls: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor | dict[str, torch.Tensor]:
         """[B, 3, H, W] (video families: also [B, 3, F, H, W] clips) in [-1, 1] -> the latents the denoiser trains on
         (already scaled), or a dict of batched tensors: "latents" plus conditioning cached beside them, which
-        batches carry as batch["cond"] and `predict` receives as `cond`."""
+        batches carry as batch["cond"] and `predict` receives as `cond`.
+        `controls`: [B, K, 3, H, W], the K control / reference images of each item (dataset.control_path(s)),
+        resized and centre-cropped to the target's size; passed only for items that have controls, so a family
+        that trains without them may keep the signature `encode_images(self, pixels)`. A family that uses them
+        returns their conditioning in the dict (e.g. "control_latents" [B, K, C, h, w])."""
 
-    def encode_captions(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
-        """One dict of text-conditioning tensors per caption."""
+    def encode_captions(self, captions: list[str], images: Optional[list[Optional[torch.Tensor]]] = None
+                        ) -> list[dict[str, torch.Tensor]]:
+        """One dict of text-conditioning tensors per caption; their first dim may differ between captions
+        (unpadded token sequences: `DiffusionModule.collate_text` pads them per batch). `images` only for a
+        family with `text_depends_on_images`: per caption its item's controls [K, 3, H, W], or None."""
 
 
 class DiffusionModule(LightningModule, ABC):
@@ -55,6 +63,7 @@ class DiffusionModule(LightningModule, ABC):
     framerate: Optional[int] = None                     # fps videos are resampled to; None: an image-only family
     frames_multiple: int = 4                            # video frame counts are of the form frames_multiple * k + 1
     requires_video: bool = False                        # image-to-video: every item must be a video
+    text_depends_on_images: bool = False                # encode_captions sees the controls (cache key covers them)
     fold_lora_scale: bool = True                        # False: export_lora gets unscaled weights, writes alpha
 
     def __init__(self, tiny: bool = False, dtype: str = "bfloat16", transformer_dtype: Optional[str] = None,
@@ -160,6 +169,20 @@ class DiffusionModule(LightningModule, ABC):
         """What `predict` receives as `text`: the cached text tensors, floating ones in the compute dtype. A family
         adds what it derives per batch (SDXL: the size/crop micro-conditioning from the batch geometry)."""
         return self._to_compute(batch["text"])
+
+    @staticmethod
+    def collate_text(texts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """One batch of cached text tensors: stacked; a key whose tensors differ in length (dim 0) is padded
+        with zeros to the longest and gets a bool `<key>_mask` [B, L] (True = real token). A family whose
+        denoiser wants another padding or mask overrides this."""
+        batch = {}
+        for key in texts[0]:
+            tensors = [text[key] for text in texts]
+            if all(t.shape == tensors[0].shape for t in tensors):
+                batch[key] = torch.stack(tensors)
+            else:
+                batch[key], batch[f"{key}_mask"] = pad_sequences(tensors)
+        return batch
 
     def image_seq_len(self, latents: torch.Tensor) -> int:
         """Tokens the denoiser sees for these latents (drives flux_shift)."""
@@ -383,6 +406,13 @@ def weighted_mse(prediction: torch.Tensor, target: torch.Tensor,
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample)
     return per_sample.mean()
+
+
+def pad_sequences(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[L_i, ...] tensors -> (zero-padded [B, max L_i, ...], bool mask [B, max L_i], True at the real entries)."""
+    padded = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True)
+    lengths = torch.tensor([len(t) for t in tensors])
+    return padded, torch.arange(padded.shape[1]) < lengths[:, None]
 
 
 def _param_groups(part: torch.nn.Module, lr: Optional[float]) -> list[dict[str, Any]]:
