@@ -13,6 +13,7 @@ from typing import Optional
 import pytest
 import torch
 from lightning import Callback
+from PIL import Image
 from safetensors.torch import load_file
 
 from src.modules.base import DiffusionModule
@@ -30,6 +31,7 @@ class Family:
     lora_file: str  # the LoRA file in an export folder, as the user gets it
     full_export: Optional[tuple[str, str]] = None  # (model key that loads it, file in the export); None: no FFT
     fp8: bool = True
+    edit: bool = False  # trains with control images: the preview edits one
 
 
 FAMILIES = {
@@ -37,7 +39,7 @@ FAMILIES = {
                    ("transformer_path", "flux1-transformer-bfl.safetensors")),
     "flux_kontext": Family(("model=flux_kontext", *TINY_FLOAT32, "model.max_sequence_length=64",
                             "dataset=edit_example"), "pytorch_lora_weights.safetensors",
-                           ("transformer_path", "flux1-transformer-bfl.safetensors")),
+                           ("transformer_path", "flux1-transformer-bfl.safetensors"), edit=True),
     "sdxl": Family(("model=sdxl_tiny", "dataset.resolutions=[64]"), "lora.safetensors",
                    ("checkpoint_path", "model.safetensors"), fp8=False),
     "wan": Family(WAN, "adapter_model.safetensors", ("transformer_path", "transformer_comfyui.safetensors")),
@@ -99,8 +101,10 @@ def test_lora_export_loads_in_its_consumer_and_reproduces_our_output(name, lora_
 
 @pytest.mark.parametrize("name", families())
 def test_preview_renders_through_the_inference_hook(name, lora_run):
-    module = lora_run(name).module.eval()
-    images = module.render("a red square", width=64, height=64, steps=2, seed=0)
+    trained = lora_run(name)
+    module = trained.module.eval()
+    control = {"image": Image.open(trained.datamodule.train_set.samples[0].item.controls[0])} if FAMILIES[name].edit else {}
+    images = module.render("a red square", width=64, height=64, steps=2, seed=0, **control)
     assert images.shape[-3:] == (64, 64, 3) and images.min() >= 0 and images.max() <= 1
     assert images.std() > 0, "a blank preview"
 

@@ -63,6 +63,7 @@ class SDXLConfig(ModelConfig):
 MODEL_SCHEMAS: dict[str, type[ModelConfig]] = {
     "src.modules.sdxl.SDXLModule": SDXLConfig,
     "src.modules.flux.FluxModule": FluxConfig,
+    "src.modules.flux_kontext.FluxKontextModule": FluxConfig,
     "src.modules.wan.WanModule": WanConfig,
 }
 

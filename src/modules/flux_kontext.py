@@ -45,7 +45,8 @@ class FluxKontextModule(FluxModule):
     def render(self, prompt: str, width: int, height: int, steps: int, seed: int,
                image: Optional[Image.Image | np.ndarray] = None, **family_inputs: Any) -> np.ndarray:
         """With `image`, an edit of it (resized to width x height, as training crops controls to the target's
-        size); without, plain text-to-image."""
+        size); without, plain text-to-image. Never the pipeline's snapping to its preferred 1 MP sizes."""
         if image is not None:
-            family_inputs.update(image=image, _auto_resize=False, max_area=width * height)
-        return super().render(prompt, width, height, steps, seed, **family_inputs)
+            family_inputs["image"] = image
+        return super().render(prompt, width, height, steps, seed, _auto_resize=False, max_area=width * height,
+                              **family_inputs)
