@@ -89,8 +89,7 @@ class KeyMap:
         """Native weights (bare keys) -> diffusers; split parts are views of the fused tensor."""
         remaining = dict(state_dict)
         plan = self._plan(remaining, from_native=True)
-        out = {diffusers: _apply(transform, remaining.pop(native))
-               for native, diffusers, transform in plan.params if native in remaining}
+        out = _rename(plan.params, remaining, from_native=True)
         for native, parts, rows in plan.fused:
             weight = remaining.get(f"{native}.weight")
             if weight is None:
@@ -107,8 +106,7 @@ class KeyMap:
         """diffusers weights -> native (bare keys)."""
         remaining = dict(state_dict)
         plan = self._plan(remaining, from_native=False)
-        out = {native: _apply(transform, remaining.pop(diffusers))
-               for native, diffusers, transform in plan.params if diffusers in remaining}
+        out = _rename(plan.params, remaining, from_native=False)
         for native, parts, _ in plan.fused:
             for param in LINEAR_PARAMS:
                 keys = [f"{part}.{param}" for part in parts]
@@ -193,6 +191,17 @@ def _block_indices(keys: Iterable[str], templates: Iterable[str]) -> dict[str, l
             if index.isdigit():
                 indices.add(int(index))
     return {prefix: sorted(indices) for prefix, indices in found.items()}
+
+
+def _rename(pairs: Iterable[tuple[str, str, RowTransform | None]], remaining: dict[str, torch.Tensor],
+            from_native: bool) -> StateDict:
+    """Pops the keys of `pairs` found in `remaining` and returns them under their other name."""
+    out = {}
+    for native, diffusers, transform in pairs:
+        source, target = (native, diffusers) if from_native else (diffusers, native)
+        if source in remaining:
+            out[target] = _apply(transform, remaining.pop(source))
+    return out
 
 
 def _apply(transform: RowTransform | None, tensor: torch.Tensor) -> torch.Tensor:
