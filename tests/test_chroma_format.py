@@ -163,3 +163,14 @@ def test_our_reader_gives_a_lora_diffusers_loads_with_the_exported_effect():
     assert injected == len(deltas(lora))
     assert not torch.allclose(forward(model), base, atol=1e-3), "the LoRA changed nothing"
     torch.testing.assert_close(forward(model), forward(merged), rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_chroma_file_is_deterministic_and_loads_as_the_tiny_transformer(tmp_path):
+    tiny_chroma.TINY_MODELS["chroma"](tmp_path / "a")
+    tiny_chroma.build(tmp_path / "b")
+    written = tmp_path / "a" / tiny_chroma.TRANSFORMER_FILE
+    assert written.read_bytes() == (tmp_path / "b" / tiny_chroma.TRANSFORMER_FILE).read_bytes()
+    loaded = load_chroma_transformer(written, torch.float32, TINY_AXES)
+    assert_same_tensors(loaded.state_dict(), tiny_chroma.transformer().state_dict())
+    assert {k: v for k, v in loaded.config.items() if k in tiny_chroma.TRANSFORMER_CONFIG} == {
+        k: list(v) if isinstance(v, tuple) else v for k, v in tiny_chroma.TRANSFORMER_CONFIG.items()}
