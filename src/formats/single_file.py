@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 from src.utils.atomic import save_safetensors
 
 StateDict = dict[str, torch.Tensor]
-COMFY_PREFIX = re.compile(r"^(model\.)?diffusion_model\.")
+# ComfyUI's prefix of native transformer keys: LoRA files use it bare, checkpoints often under `model.`.
+NATIVE_PREFIX = "diffusion_model."
+COMFY_PREFIX = re.compile(rf"^(model\.)?{re.escape(NATIVE_PREFIX)}")
 FP8_SCALE_SUFFIXES = ("scale_weight", ".scale_input")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 

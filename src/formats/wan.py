@@ -10,8 +10,8 @@ People download the original Wan-AI folders and ComfyUI single files, so this mo
   `blocks.N.attn.q`, `ffn.gate.0`, ...) or a transformers-named file (ComfyUI's `umt5_xxl_*.safetensors`);
 - LoRAs: PEFT weights under diffusers names -> ComfyUI `diffusion_model.<native name>.lora_A/lora_B`.
 
-One direction (diffusers -> native) is written out; the other is its inverse over the keys of the model the
-config describes, so both agree by construction, and unknown or missing keys are one error naming the file.
+The transformer's map is data (keymap.py): both directions come from it, and unknown or missing keys are one error
+naming the file.
 """
 from __future__ import annotations
 
@@ -25,74 +25,44 @@ from typing import Optional
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
+from .keymap import KeyMap, block_count, within
 from .single_file import StateDict, build_with_weights, preview, read_state_dict, refuse_fp8_scaled, strip_comfy_prefix
 
 # ---------------------------------------------------------------- transformer
 
-# diffusers module -> native module, inside a block and at the top level. Parameters keep their names
-# (`.weight`, `.bias`), except the modulation tables, which are parameters of their own.
-_BLOCK_MODULES = {
-    "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
-    "attn1.to_out.0": "self_attn.o", "attn1.norm_q": "self_attn.norm_q", "attn1.norm_k": "self_attn.norm_k",
-    "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k", "attn2.to_v": "cross_attn.v",
-    "attn2.to_out.0": "cross_attn.o", "attn2.norm_q": "cross_attn.norm_q", "attn2.norm_k": "cross_attn.norm_k",
-    "attn2.add_k_proj": "cross_attn.k_img", "attn2.add_v_proj": "cross_attn.v_img",
-    "attn2.norm_added_k": "cross_attn.norm_k_img",
-    "norm2": "norm3",  # the cross-attention norm: diffusers counts norms in call order, Wan in creation order
-    "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
-}
-_TOP_MODULES = {
-    "patch_embedding": "patch_embedding",
-    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
-    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
-    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
-    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
-    "condition_embedder.time_proj": "time_projection.1",
-    "condition_embedder.image_embedder.norm1": "img_emb.proj.0",
-    "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
-    "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
-    "condition_embedder.image_embedder.norm2": "img_emb.proj.4",
-    "proj_out": "head.head",
-}
-_TOP_PARAMS = {"scale_shift_table": "head.modulation"}
-_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_PARAM = re.compile(r"^(.+)\.(weight|bias)$")
+# Native (= ComfyUI = original Wan) module -> diffusers module. The modulation tables are parameters of their own.
+WAN = KeyMap(
+    modules={
+        "patch_embedding": "patch_embedding",
+        "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+        "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+        "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+        "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+        "time_projection.1": "condition_embedder.time_proj",
+        "img_emb.proj.0": "condition_embedder.image_embedder.norm1",
+        "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
+        "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
+        "img_emb.proj.4": "condition_embedder.image_embedder.norm2",
+        "head.head": "proj_out",
+        **within("blocks.{i}.", "blocks.{i}.", {
+            "self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
+            "self_attn.o": "attn1.to_out.0", "self_attn.norm_q": "attn1.norm_q", "self_attn.norm_k": "attn1.norm_k",
+            "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k", "cross_attn.v": "attn2.to_v",
+            "cross_attn.o": "attn2.to_out.0", "cross_attn.norm_q": "attn2.norm_q", "cross_attn.norm_k": "attn2.norm_k",
+            "cross_attn.k_img": "attn2.add_k_proj", "cross_attn.v_img": "attn2.add_v_proj",
+            "cross_attn.norm_k_img": "attn2.norm_added_k",
+            "norm3": "norm2",  # the cross-attention norm: Wan counts norms in creation order, diffusers in call order
+            "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
+        }),
+    },
+    params={"head.modulation": "scale_shift_table", "blocks.{i}.modulation": "blocks.{i}.scale_shift_table"},
+)
 # Every released Wan uses 128-wide attention heads; the head count is read from config.json when there is one.
 DEFAULT_HEAD_DIM = 128
 
 
-def native_module_name(module: str) -> str:
-    """diffusers module path -> native (ComfyUI) module path, e.g. blocks.3.attn2.add_k_proj -> blocks.3.cross_attn.k_img."""
-    block = _BLOCK.match(module)
-    if block:
-        return f"blocks.{block.group(1)}.{_BLOCK_MODULES[block.group(2)]}"
-    return _TOP_MODULES[module]
-
-
-def native_key(key: str) -> str:
-    """diffusers parameter name -> native parameter name."""
-    if key in _TOP_PARAMS:
-        return _TOP_PARAMS[key]
-    block = _BLOCK.match(key)
-    if block and block.group(2) == "scale_shift_table":
-        return f"blocks.{block.group(1)}.modulation"
-    param = _PARAM.match(key)
-    if not param:
-        raise KeyError(key)
-    return f"{native_module_name(param.group(1))}.{param.group(2)}"
-
-
 def transformer_to_native(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    return {native_key(key): tensor for key, tensor in state_dict.items()}
-
-
-def native_to_diffusers(state_dict: Mapping[str, torch.Tensor], model_keys: list[str], path: str | Path) -> StateDict:
-    """Native keys -> the diffusers keys of a model whose keys are `model_keys`; any other key is an error."""
-    to_diffusers = {native_key(key): key for key in model_keys}
-    unknown = sorted(state_dict.keys() - to_diffusers.keys())
-    if unknown:
-        raise ValueError(f"{path}: keys that are not part of this Wan transformer: {preview(unknown)}")
-    return {to_diffusers[key]: tensor for key, tensor in state_dict.items()}
+    return WAN.to_native(state_dict, "the diffusers Wan transformer")
 
 
 def transformer_config(native: Mapping[str, torch.Tensor], num_heads: Optional[int] = None) -> dict:
@@ -108,7 +78,7 @@ def transformer_config(native: Mapping[str, torch.Tensor], num_heads: Optional[i
         out_channels=native["head.head.weight"].shape[0] // math.prod(patch_size),
         text_dim=native["text_embedding.0.weight"].shape[1], freq_dim=native["time_embedding.0.weight"].shape[1],
         ffn_dim=native["blocks.0.ffn.0.weight"].shape[0],
-        num_layers=1 + max(int(m.group(1)) for k in native if (m := _BLOCK.match(k))),
+        num_layers=block_count(native, "blocks."),
         cross_attn_norm="blocks.0.norm3.weight" in native,
         qk_norm="rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in native else None, eps=1e-6)
     if "img_emb.proj.1.weight" in native:
@@ -129,9 +99,7 @@ def load_transformer(path: str | Path, dtype: torch.dtype, num_heads: Optional[i
     """From a single file or an original folder; `num_heads` defaults to the folder's config.json."""
     native = read_native_transformer(path)
     config = transformer_config(native, num_heads or original_num_heads(Path(path) if Path(path).is_dir() else None))
-    with torch.device("meta"):
-        keys = list(WanTransformer3DModel.from_config(config).state_dict())
-    state = native_to_diffusers(native, keys, path)
+    state = WAN.to_diffusers(native, str(path))
     return build_with_weights(WanTransformer3DModel, config, state, dtype, path, "a Wan transformer")
 
 
@@ -159,11 +127,7 @@ def original_transformer_config(config: Mapping) -> dict:
 
 def lora_to_comfyui(lora_state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     """PEFT LoRA weights (`<diffusers module>.lora_A.weight`) -> `diffusion_model.<native module>.lora_A.weight`."""
-    out = {}
-    for key, tensor in lora_state_dict.items():
-        module, lora_part = re.match(r"^(.+)\.(lora_[AB]\.weight)$", key).groups()
-        out[f"diffusion_model.{native_module_name(module)}.{lora_part}"] = tensor
-    return out
+    return WAN.lora_to_native(lora_state_dict, "the Wan LoRA")
 
 
 # ---------------------------------------------------------------- VAE
