@@ -114,6 +114,12 @@ class DiffusionModule(LightningModule, ABC):
         """Write the LoRA (diffusers module names, lora_A/lora_B, scale baked in unless fold_lora_scale is
         False; a trained text encoder's keys under '<part name>.') in the family's format."""
 
+    def read_exported_lora(self, path: Path) -> dict[str, torch.Tensor]:
+        """A LoRA file in the family's format -> PEFT weights under diffusers module names (our own reader, for
+        formats no diffusers loader takes)."""
+        raise NotImplementedError(f"{type(self).__name__} has no reader of its LoRA format; diffusers' loaders "
+                                  f"read it")
+
     @abstractmethod
     def export_full(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         """Write a full fine-tune (the denoiser's keys bare, a trained text encoder's under '<part name>.') in

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import torch
 from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+from safetensors.torch import load_file
 from transformers import AutoTokenizer, T5EncoderModel
 
 from src.config.keys import ModelPath
@@ -77,7 +78,9 @@ class ChromaModule(FluxModule):
 
     # --- training
     def load_denoiser(self) -> ChromaTransformer2DModel:
-        return formats.load_chroma_transformer(self.transformer_file, self.compute_dtype)
+        # The rotary axes show in no weight shape: the released Chroma's, or the tiny one's.
+        axes = tiny_chroma.TRANSFORMER_CONFIG["axes_dims_rope"] if self.tiny else None
+        return formats.load_chroma_transformer(self.transformer_file, self.compute_dtype, axes)
 
     @property
     def uses_guidance(self) -> bool:
@@ -101,6 +104,9 @@ class ChromaModule(FluxModule):
     # --- export
     def export_lora(self, lora_state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         save_safetensors(formats.lora_to_comfyui(lora_state_dict), out_dir / LORA_FILE)
+
+    def read_exported_lora(self, path: Path) -> dict[str, torch.Tensor]:
+        return formats.lora_from_comfyui(load_file(path))
 
     def export_full(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         formats.save_chroma_transformer(state_dict, out_dir / FULL_FILE)
