@@ -27,9 +27,12 @@ from safetensors import safe_open
 
 from src.utils.atomic import save_safetensors
 
+from .keymap import require_consumed
+from .single_file import NATIVE_PREFIX
+
 StateDict = dict[str, torch.Tensor]
 
-UNET_PREFIX = "model.diffusion_model."
+UNET_PREFIX = "model." + NATIVE_PREFIX
 TE1_PREFIX = "conditioner.embedders.0.transformer."
 TE2_PREFIX = "conditioner.embedders.1.model."
 VAE_PREFIX = "first_stage_model."
@@ -140,7 +143,7 @@ def te2_to_openclip(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
             out[f"{dst}attn.in_proj_{param}"] = torch.cat(qkv)
             for hf, openclip in _OPENCLIP_LAYER.items():
                 out[f"{dst}{openclip}.{param}"] = remaining.pop(f"{src}{hf}.{param}")
-    _require_consumed(remaining, "text encoder 2")
+    require_consumed(remaining, "text encoder 2")
     return out
 
 
@@ -264,8 +267,3 @@ def _modelspec(architecture: str, title: str, v_pred: bool) -> dict[str, str]:
 
 def _metadata_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-
-
-def _require_consumed(remaining: Mapping[str, torch.Tensor], what: str) -> None:
-    if remaining:
-        raise ValueError(f"unmapped {what} keys: {', '.join(sorted(remaining)[:10])}")

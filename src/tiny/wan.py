@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-from src.formats.single_file import save_native
+from src.formats.single_file import NATIVE_PREFIX, save_native
 from src.formats.wan import (
     WAN22_LATENTS_MEAN,
     WAN22_LATENTS_STD,
@@ -79,7 +79,7 @@ def write_transformer(model: WanTransformer3DModel, folder: Path, comfy_file: Pa
     native = transformer_to_native(model.state_dict())
     (folder / "config.json").write_text(json.dumps(original_transformer_config(model.config), indent=2))
     save_native(native, folder / "diffusion_pytorch_model.safetensors")
-    save_native({f"model.diffusion_model.{k}": v for k, v in native.items()}, comfy_file)
+    save_native({f"model.{NATIVE_PREFIX}{k}": v for k, v in native.items()}, comfy_file)
 
 
 def write_shared(out_dir: Path, vae: AutoencoderKLWan, vae_file: str) -> None:
