@@ -9,6 +9,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from src.datamodules.cache import fingerprint_files
 from src.formats.flux import load_bfl_transformer, save_bfl_transformer
+from src.tiny import flux as tiny_flux
 from src.tiny import tiny_model_dir
 
 from .base import DiffusionModule
@@ -74,7 +75,7 @@ class FluxModule(DiffusionModule):
 
     @property
     def model_dir(self) -> Path:
-        return tiny_model_dir("flux") if self.tiny else Path(self.diffusers_path)
+        return tiny_model_dir("flux", tiny_flux.build) if self.tiny else Path(self.diffusers_path)
 
     # --- caching
     def cache_fingerprints(self) -> tuple[str, str]:

@@ -26,6 +26,7 @@ from src.formats.sdxl import (
     split_parts,
     untrained_tensors,
 )
+from src.tiny import sdxl as tiny_sdxl
 from src.tiny import tiny_model_dir
 from src.tiny.sdxl import CHECKPOINT_FILE as TINY_FILE
 from src.utils.atomic import save_safetensors
@@ -89,12 +90,12 @@ class SDXLModule(DiffusionModule):
     @property
     def checkpoint(self) -> Path:
         """checkpoint_path; with tiny=true and no checkpoint_path, the tiny model's own single file."""
-        return Path(self.checkpoint_path) if self.checkpoint_path else tiny_model_dir("sdxl") / TINY_FILE
+        return Path(self.checkpoint_path) if self.checkpoint_path else tiny_model_dir("sdxl", tiny_sdxl.build) / TINY_FILE
 
     @property
     def config_dir(self) -> Path:
         """The diffusers configs `from_single_file` builds the models from."""
-        return tiny_model_dir("sdxl") if self.tiny else SDXL_BASE_CONFIG_DIR
+        return tiny_model_dir("sdxl", tiny_sdxl.build) if self.tiny else SDXL_BASE_CONFIG_DIR
 
     # --- caching
     def cache_fingerprints(self) -> tuple[str, str]:

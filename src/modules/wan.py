@@ -30,6 +30,7 @@ from src.datamodules.cache import fingerprint_files
 from src.formats import wan as formats
 from src.formats.single_file import save_native
 from src.tiny import tiny_model_dir
+from src.tiny import wan as tiny_wan
 from src.utils.atomic import save_safetensors
 
 from .base import DiffusionModule
@@ -43,7 +44,7 @@ FULL_FILE = "transformer_comfyui.safetensors"
 
 @dataclass(frozen=True)
 class Variant:
-    tiny: str  # tiny model builder (src.tiny)
+    tiny: str  # tiny model (src.tiny.wan.TINY_MODELS)
     cache: str  # latents and text embeddings are shared by variants with the same VAE / T5 / conditioning
     expert: Optional[str] = None  # A14B expert subfolder of the checkpoint
     i2v: bool = False
@@ -139,7 +140,7 @@ class WanModule(DiffusionModule):
     # --- files
     @property
     def ckpt_dir(self) -> Path:
-        return tiny_model_dir(self.variant.tiny) if self.tiny else Path(self.ckpt_path)
+        return tiny_model_dir(self.variant.tiny, tiny_wan.TINY_MODELS[self.variant.tiny]) if self.tiny else Path(self.ckpt_path)
 
     def _require(self, path: Path, key: str, what: str) -> Path:
         if not path.exists():
