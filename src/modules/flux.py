@@ -2,11 +2,12 @@
 conditioned on T5 token embeddings and a pooled CLIP vector. LoRAs export in diffusers format, full fine-tunes
 as a BFL single file plus a diffusers transformer folder."""
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
+from src.config.keys import ModelPath
 from src.datamodules.cache import fingerprint_files
 from src.formats.flux import load_bfl_transformer, save_bfl_transformer
 from src.tiny import flux as tiny_flux
@@ -63,7 +64,10 @@ class FluxModule(DiffusionModule):
                               r"^norm_out")
     pixels_round_to_multiple = 16  # VAE factor 8 x 2x2 patches
 
-    def __init__(self, diffusers_path: Optional[str] = None, transformer_path: Optional[str] = None,
+    def __init__(self,
+                 diffusers_path: Annotated[Optional[str], ModelPath(
+                     "the model's Diffusers folder", example="/models/FLUX.1-dev", required=True)] = None,
+                 transformer_path: Annotated[Optional[str], ModelPath("a single-file transformer checkpoint")] = None,
                  guidance: float = 1.0, bypass_guidance_embedding: bool = False, max_sequence_length: int = 512,
                  **common):
         super().__init__(**common)
