@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from src.config.validate import validate
+from src.config.validate import ConfigError, validate
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,7 @@ def run(cfg: DictConfig) -> TrainingRun:
     (run_dir / "config.yaml").write_text(resolved)
 
     datamodule = instantiate(cfg.dataset, eval_datasets=cfg.eval_datasets, seed=cfg.seed, _convert_="all")
-    module = instantiate(cfg.model, adapter=cfg.adapter, optimizer=cfg.optimizer, scheduler=cfg.scheduler,
-                         eval_names=datamodule.eval_names, seed=cfg.seed, _recursive_=False)
+    module = _instantiate_model(cfg, eval_names=datamodule.eval_names)
     exporter = ExportCallback(str(run_dir), resolved, cfg.save_every_n_steps, cfg.save_every_n_epochs, cfg.save_dtype)
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps,
                                   save_last=True, save_top_k=1)
@@ -65,6 +64,21 @@ def _eval_schedule(cfg: DictConfig) -> dict:
         return {"val_check_interval": cfg.eval_every_n_steps * cfg.trainer.accumulate_grad_batches,
                 "check_val_every_n_epoch": None}
     return {"check_val_every_n_epoch": cfg.eval_every_n_epochs or 1}
+
+
+def _instantiate_model(cfg: DictConfig, eval_names: tuple[str, ...]) -> Any:
+    """The family module. Its constructor checks what depends on several of its keys and raises ConfigError, which
+    Hydra wraps: unwrapped here, so that train.py shows it as one message."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg.model, adapter=cfg.adapter, optimizer=cfg.optimizer, scheduler=cfg.scheduler,
+                           eval_names=eval_names, seed=cfg.seed, _recursive_=False)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, ConfigError):
+            raise error.__cause__ from None
+        raise
 
 
 def resolve_resume(resume: Optional[str], outputs_root: Path, run_dir: Path) -> Optional[str]:

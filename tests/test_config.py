@@ -124,17 +124,19 @@ def run_train_py(*overrides: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("mistake", ["misspelled key", "empty dataset folder"])
+@pytest.mark.parametrize("mistake", ["misspelled key", "empty dataset folder", "family constructor check"])
 def test_train_py_prints_one_message_without_traceback(tmp_path, mistake):
     empty = tmp_path / "empty"
     empty.mkdir()
-    override, first_line = {
-        "misspelled key": ("+model.flux_shfit=true",
+    overrides, first_line = {
+        "misspelled key": (["+model.flux_shfit=true"],
                            "Error: Unknown config key 'model.flux_shfit'. Did you mean 'model.flux_shift'?"),
-        "empty dataset folder": (f"dataset.path={empty}",
+        "empty dataset folder": ([f"dataset.path={empty}"],
                                  f"Error: The dataset is empty: no usable image with a caption in {empty}."),
+        "family constructor check": (["model=wan22_low_i2v", "model.tiny=true", f"model.clip_path={ROOT}"],
+                                     f"Error: model.clip_path={ROOT} would be ignored"),
     }[mistake]
-    result = run_train_py(override, f"hydra.run.dir={tmp_path / 'run'}")
+    result = run_train_py(*overrides, f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode != 0
     assert "Traceback" not in result.stdout + result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(first_line), result.stderr[-2000:]
