@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from src.config.schema import MODEL_SCHEMAS, FluxConfig
 from src.datamodules.cache import EmbeddingCache, is_complete_safetensors
 from src.datamodules.datamodule import EmptyDatasetError
 from src.modules.flux import FluxModule
@@ -166,8 +165,7 @@ class FluxKeepingWatch(FluxModule):
         return encoders
 
 
-def test_encoders_are_freed_after_caching(make_config, monkeypatch):
-    monkeypatch.setitem(MODEL_SCHEMAS, f"{__name__}.FluxKeepingWatch", FluxConfig)
+def test_encoders_are_freed_after_caching(make_config):
     run(make_config(*FAST, f"model._target_={__name__}.FluxKeepingWatch"))
     gc.collect()
     assert FluxKeepingWatch.handed_out and all(ref() is None for ref in FluxKeepingWatch.handed_out)
