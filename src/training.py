@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from src.config.validate import validate
+from src.config.validate import ConfigError, validate
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,6 @@ def run(cfg: DictConfig) -> TrainingRun:
     return TrainingRun(final, module, datamodule, trainer)
 
 
-def build_module(cfg: DictConfig, eval_names: tuple[str, ...] = ()) -> Any:
-    """The family's LightningModule for a composed config (its models load in configure_model)."""
-    from hydra.utils import instantiate
-
-    return instantiate(cfg.model, adapter=cfg.adapter, optimizer=cfg.optimizer, scheduler=cfg.scheduler,
-                       eval_names=eval_names, seed=cfg.seed, _recursive_=False)
-
-
 def _eval_schedule(cfg: DictConfig) -> dict:
     if not cfg.eval_datasets:
         return {"limit_val_batches": 0}
@@ -72,6 +64,22 @@ def _eval_schedule(cfg: DictConfig) -> dict:
         return {"val_check_interval": cfg.eval_every_n_steps * cfg.trainer.accumulate_grad_batches,
                 "check_val_every_n_epoch": None}
     return {"check_val_every_n_epoch": cfg.eval_every_n_epochs or 1}
+
+
+def build_module(cfg: DictConfig, eval_names: tuple[str, ...] = ()) -> Any:
+    """The family's LightningModule for a composed config (its models load in configure_model). Its constructor
+    checks what depends on several of its keys and raises ConfigError, which Hydra wraps: unwrapped here, so that
+    train.py shows it as one message."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg.model, adapter=cfg.adapter, optimizer=cfg.optimizer, scheduler=cfg.scheduler,
+                           eval_names=eval_names, seed=cfg.seed, _recursive_=False)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, ConfigError):
+            raise error.__cause__ from None
+        raise
 
 
 def resolve_resume(resume: Optional[str], outputs_root: Path, run_dir: Path) -> Optional[str]:

@@ -3,12 +3,32 @@ shown by train.py without a traceback; every config file in conf/ composes and v
 import os
 import subprocess
 import sys
+from typing import Annotated, Literal, Optional
 
 import pytest
 from hydra.utils import instantiate
 
+from src.config.family import model_keys
+from src.config.keys import ModelPath
 from src.config.validate import ConfigError, validate
+from src.modules.flux import FluxModule
+from src.modules.wan import WanModule
 from tests.conftest import EXAMPLE_IMAGES, ROOT
+
+
+class LeafFamily(FluxModule):
+    """A family declared here, in a test file: its config keys come from this constructor and the ones it passes
+    **keys to (Flux's, then DiffusionModule's)."""
+
+    def __init__(self, leaf_path: Annotated[Optional[str], ModelPath(
+                     "the leaf weights", example="/models/leaf.safetensors", required=True)] = None,
+                 leaf_mode: Literal["fast", "slow"] = "fast", guidance=2.5, **keys):
+        super().__init__(guidance=guidance, **keys)
+        self.leaf_path, self.leaf_mode = leaf_path, leaf_mode
+
+
+LEAF_CLASS = "tests.test_config.LeafFamily"  # as train.py names it (pytest may import this file as test_config)
+LEAF = [f"model._target_={LEAF_CLASS}", f"+model.leaf_path={ROOT}"]
 
 MISTAKES = {
     "misspelled key": (["+model.flux_shfit=true"], ["'model.flux_shfit'", "Did you mean 'model.flux_shift'?"]),
@@ -28,8 +48,25 @@ MISTAKES = {
                                         ["dataset.directories[0].num_repeats='many'", "expected int or null"]),
     "directory entry without path": (["dataset.directories=[{num_repeats: 2}]"],
                                      ["dataset.directories[0].path is required"]),
-    "CLIP folder for a Wan without CLIP": (["model=wan22_low_i2v", "model.tiny=true", f"model.clip_path={ROOT}"],
-                                           ["model.clip_path", "no CLIP image encoder", "Unset model.clip_path"]),
+    "not a choice": (["model.dtype=float64"],
+                     ["model.dtype=float64 is not valid (a compute dtype)", "Choose one of: float32, float16, bfloat16"]),
+    "not a choice, explained": (["model.activation_checkpointing=sometimes"],
+                                ["model.activation_checkpointing=sometimes is not valid", "Choose true (recompute"]),
+    "Wan variant": (["model=wan21_t2v", "model.tiny=true", "model.variant=wan3"],
+                    ["model.variant=wan3 is not valid (the Wan model)", "wan21_t2v", "wan22_5b"]),
+    "model path that does not exist": (["model=sdxl", "model.checkpoint_path=/no/such.safetensors"],
+                                       ["model.checkpoint_path=/no/such.safetensors does not exist",
+                                        "It should be the original single-file checkpoint."]),
+    "unknown family class": (["model._target_=src.modules.flux.FluxModel"],
+                             ["model._target_=src.modules.flux.FluxModel", "src.modules.flux has no class FluxModel"]),
+    "unknown family module": (["model._target_=src.modules.flax.FluxModule"], ["no module src.modules.flax"]),
+    "typo in a test file family's key": ([*LEAF, "+model.leaf_mod=slow"],
+                                         ["'model.leaf_mod'", "Did you mean 'model.leaf_mode'?"]),
+    "not a choice of a test file family": ([*LEAF, "+model.leaf_mode=medium"],
+                                           ["model.leaf_mode=medium is not valid. Choose one of: fast, slow."]),
+    "required path of a test file family": ([*LEAF[:1], "model.tiny=false", f"model.diffusers_path={ROOT}"],
+                                            ["model.leaf_path is not set. Point it at the leaf weights "
+                                             "(model.leaf_path=/models/leaf.safetensors), or use model.tiny=true"]),
 }
 
 
@@ -57,22 +94,49 @@ def test_typo_in_an_experiment_file_is_reported(make_config, tmp_path):
     assert_one_message(error.value, ["'model.flux_shfit'", "Did you mean 'model.flux_shift'?"])
 
 
+def test_a_family_in_a_test_file_gets_its_keys_from_its_constructors(make_config):
+    keys = model_keys(LEAF_CLASS)
+    assert {"dtype", "min_t", "diffusers_path", "guidance", "leaf_path", "leaf_mode"} <= set(keys)
+    assert not {"adapter", "optimizer", "scheduler", "eval_names", "seed"} & set(keys)  # the trainer's
+    assert keys["guidance"].default == 2.5 and keys["timestep_sample_method"].default == "logit_normal"
+    cfg = make_config(*LEAF, "+model.leaf_mode=slow")
+    validate(cfg)
+    module = instantiate(cfg.model, _recursive_=False)
+    assert (module.leaf_mode, module.leaf_path, module.tiny) == ("slow", str(ROOT), True)
+
+
+def test_a_subclass_default_keeps_the_base_rules(make_config):
+    keys = model_keys("src.modules.sdxl.SDXLModule")
+    assert keys["timestep_sample_method"].default == "uniform"  # SDXL's, with DiffusionModule's choices
+    with pytest.raises(ConfigError) as error:
+        validate(make_config("model=sdxl_tiny", "model.timestep_sample_method=normal"))
+    assert_one_message(error.value, ["model.timestep_sample_method=normal is not valid", "logit_normal, uniform"])
+
+
+def test_family_cross_checks_are_config_errors_of_its_constructor():
+    with pytest.raises(ConfigError) as error:
+        WanModule(variant="wan22_low_i2v", tiny=True, clip_path=str(ROOT))
+    assert_one_message(error.value, ["model.clip_path", "no CLIP image encoder", "Unset model.clip_path"])
+
+
 def run_train_py(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "train.py", "logger=none", *overrides], cwd=ROOT,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("mistake", ["misspelled key", "empty dataset folder"])
+@pytest.mark.parametrize("mistake", ["misspelled key", "empty dataset folder", "family constructor check"])
 def test_train_py_prints_one_message_without_traceback(tmp_path, mistake):
     empty = tmp_path / "empty"
     empty.mkdir()
-    override, first_line = {
-        "misspelled key": ("+model.flux_shfit=true",
+    overrides, first_line = {
+        "misspelled key": (["+model.flux_shfit=true"],
                            "Error: Unknown config key 'model.flux_shfit'. Did you mean 'model.flux_shift'?"),
-        "empty dataset folder": (f"dataset.path={empty}",
+        "empty dataset folder": ([f"dataset.path={empty}"],
                                  f"Error: The dataset is empty: no usable image with a caption in {empty}."),
+        "family constructor check": (["model=wan22_low_i2v", "model.tiny=true", f"model.clip_path={ROOT}"],
+                                     f"Error: model.clip_path={ROOT} would be ignored"),
     }[mistake]
-    result = run_train_py(override, f"hydra.run.dir={tmp_path / 'run'}")
+    result = run_train_py(*overrides, f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode != 0
     assert "Traceback" not in result.stdout + result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(first_line), result.stderr[-2000:]
@@ -83,14 +147,15 @@ import sys
 from pathlib import Path
 from tests.conftest import compose_config
 from src.config.validate import validate
-validate(compose_config(Path(sys.argv[1])))
+validate(compose_config(Path(sys.argv[1]), *sys.argv[2:]))
 print(sorted(m for m in ("diffusers", "transformers", "lightning", "peft") if m in sys.modules))
 """
 
 
-def test_validation_loads_no_model_library(tmp_path):
-    result = subprocess.run([sys.executable, "-c", VALIDATE_AND_LIST_HEAVY_MODULES, str(tmp_path / "run")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("family", [[], LEAF], ids=["flux", "family in a test file"])
+def test_validation_loads_no_model_library(tmp_path, family):
+    result = subprocess.run([sys.executable, "-c", VALIDATE_AND_LIST_HEAVY_MODULES, str(tmp_path / "run"), *family],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
 

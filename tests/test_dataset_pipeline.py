@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from src.config.schema import MODEL_SCHEMAS, FluxConfig
 from src.datamodules.cache import EmbeddingCache, is_complete_safetensors
 from src.datamodules.datamodule import EmptyDatasetError
 from src.modules.base import DiffusionModule
@@ -167,8 +166,7 @@ class FluxKeepingWatch(FluxModule):
         return encoders
 
 
-def test_encoders_are_freed_after_caching(make_config, monkeypatch):
-    monkeypatch.setitem(MODEL_SCHEMAS, f"{__name__}.FluxKeepingWatch", FluxConfig)
+def test_encoders_are_freed_after_caching(make_config):
     run(make_config(*FAST, f"model._target_={__name__}.FluxKeepingWatch"))
     gc.collect()
     assert FluxKeepingWatch.handed_out and all(ref() is None for ref in FluxKeepingWatch.handed_out)
@@ -208,8 +206,7 @@ class FluxUnpaddedText(FluxModule):
         return super().training_step(batch, batch_idx)
 
 
-def test_text_of_different_lengths_is_padded_per_batch_with_a_mask(make_config, tmp_path, monkeypatch):
-    monkeypatch.setitem(MODEL_SCHEMAS, f"{__name__}.FluxUnpaddedText", FluxConfig)
+def test_text_of_different_lengths_is_padded_per_batch_with_a_mask(make_config, tmp_path):
     square = [image for image in EXAMPLES if Image.open(image).size == (160, 160)]
     data = copy_examples(tmp_path / "data", square)
     (data / square[0].with_suffix(".txt").name).write_text("a circle")

@@ -6,6 +6,7 @@ import sys
 
 from diffusers import FluxPipeline
 
+from src.tiny import flux as tiny_flux
 from src.tiny import tiny_model_dir
 from tests.conftest import ROOT
 
@@ -22,7 +23,7 @@ def test_demo_trains_a_lora_that_diffusers_loads(tmp_path, caplog):
     assert (final / "config.yaml").is_file()
     assert "Epoch 9" in result.stdout + result.stderr  # the progress bar ran through the demo's 10 epochs
 
-    pipe = FluxPipeline.from_pretrained(tiny_model_dir("flux"), local_files_only=True)
+    pipe = FluxPipeline.from_pretrained(tiny_model_dir("flux", tiny_flux.build), local_files_only=True)
     with caplog.at_level(logging.WARNING):
         pipe.load_lora_weights(final)
     messages = [r.getMessage() for r in caplog.records]

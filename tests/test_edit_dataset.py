@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from src.config.schema import MODEL_SCHEMAS, FluxConfig
 from src.config.validate import ConfigError
 from src.datamodules.datamodule import DiffusionDataModule, control_folders
 from src.datamodules.media import load_image
@@ -72,10 +71,8 @@ class FluxEditImageText(FluxEdit):
 
 
 @pytest.fixture(autouse=True)
-def families(monkeypatch):
+def forget_records():
     RECORD.clear()
-    for family in (FluxEdit, FluxEditImageText):
-        monkeypatch.setitem(MODEL_SCHEMAS, f"{__name__}.{family.__name__}", FluxConfig)
 
 
 def train(make_config, family: type, *overrides: str, name: str = "run"):

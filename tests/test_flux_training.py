@@ -7,6 +7,7 @@ from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file
 
 from src.formats.flux import load_bfl_transformer
+from src.tiny import flux as tiny_flux
 from src.tiny import tiny_model_dir
 from src.training import run
 
@@ -18,7 +19,7 @@ BFL_BLOCK_LINEAR = re.compile(r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj
 def test_full_finetune_exports_bfl_file_and_diffusers_folder(make_config, tmp_path):
     result = run(make_config(*FAST, "adapter=none", "optimizer.lr=1e-3"))
     trained = result.module.denoiser.state_dict()
-    original = FluxTransformer2DModel.from_pretrained(tiny_model_dir("flux"), subfolder="transformer").state_dict()
+    original = FluxTransformer2DModel.from_pretrained(tiny_model_dir("flux", tiny_flux.build), subfolder="transformer").state_dict()
     assert any(not torch.equal(trained[k], original[k]) for k in trained), "full fine-tune changed no weight"
 
     bfl_file = result.final_export / "flux1-transformer-bfl.safetensors"
@@ -26,7 +27,7 @@ def test_full_finetune_exports_bfl_file_and_diffusers_folder(make_config, tmp_pa
     block_linears = {k for k in block_keys if ".norm." not in k}
     assert block_linears and all(BFL_BLOCK_LINEAR.match(k) for k in block_linears), sorted(block_linears)
 
-    reloaded = load_bfl_transformer(bfl_file, tiny_model_dir("flux"), torch.float32).state_dict()
+    reloaded = load_bfl_transformer(bfl_file, tiny_model_dir("flux", tiny_flux.build), torch.float32).state_dict()
     folder = FluxTransformer2DModel.from_pretrained(result.final_export / "transformer").state_dict()
     for key, tensor in trained.items():
         assert torch.equal(reloaded[key], tensor), key
@@ -52,7 +53,7 @@ def test_bypassed_guidance_embedding_ignores_guidance_and_exports_every_key(make
     assert first_loss("model.guidance=7", name="c")[0] != first_loss(name="d")[0]
     bfl = load_file(export / "flux1-transformer-bfl.safetensors")
     assert "guidance_in.in_layer.weight" in bfl
-    load_bfl_transformer(export / "flux1-transformer-bfl.safetensors", tiny_model_dir("flux"), torch.float32)
+    load_bfl_transformer(export / "flux1-transformer-bfl.safetensors", tiny_model_dir("flux", tiny_flux.build), torch.float32)
 
 
 def test_fp8_e5m2_storage(make_config):

@@ -39,7 +39,7 @@ KOHYA_KEY = re.compile(
 
 def tiny_pipeline() -> StableDiffusionXLPipeline:
     """The untrained tiny SDXL as a user would load it: diffusers' single-file loader, offline, local config."""
-    folder = tiny_model_dir("sdxl")
+    folder = tiny_model_dir("sdxl", tiny_sdxl.build)
     return StableDiffusionXLPipeline.from_single_file(str(folder / tiny_sdxl.CHECKPOINT_FILE), config=str(folder),
                                                       local_files_only=True)
 
@@ -106,7 +106,7 @@ def test_full_finetune_exports_the_original_checkpoint_that_loads_back(tmp_path)
     assert {k.split(".")[0] for k in load_file(exported)} == {"model", "conditioner", "first_stage_model"}
 
     original, trained = tiny_pipeline(), first.module.model_parts()
-    folder = tiny_model_dir("sdxl")
+    folder = tiny_model_dir("sdxl", tiny_sdxl.build)
     reloaded = StableDiffusionXLPipeline.from_single_file(str(exported), config=str(folder), local_files_only=True)
     for part, name in PARTS.items():
         ours, theirs, before = (m.state_dict() for m in (trained[part], getattr(reloaded, name),
@@ -255,7 +255,7 @@ def test_original_layout_of_sdxl_base_converts_back_with_diffusers(sdxl_base):
 
 # --- the tiny model and the config
 def test_tiny_single_file_holds_the_diffusers_folder_weights():
-    folder = tiny_model_dir("sdxl")
+    folder = tiny_model_dir("sdxl", tiny_sdxl.build)
     from_folder = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
     from_file = tiny_pipeline()
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -9,7 +11,8 @@ import pytest
 import torch
 
 import src.tiny as tiny
-from src.tiny import flux
+from src.tiny import flux, wan
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +28,15 @@ def cache_root(tmp_path, monkeypatch):
     return tmp_path
 
 
-def count_builds(monkeypatch, build=None) -> list:
-    """Wrap the flux builder (the real one unless `build` is given) so each call is recorded."""
+def counting(build) -> tuple:
+    """`build` wrapped so that each call is recorded, and the list of calls."""
     calls = []
-    inner = build or tiny.BUILDERS["flux"]
 
     def counting_build(out_dir):
         calls.append(out_dir)
-        inner(out_dir)
+        build(out_dir)
 
-    monkeypatch.setitem(tiny.BUILDERS, "flux", counting_build)
-    return calls
+    return counting_build, calls
 
 
 def relative_files(root):
@@ -64,19 +65,21 @@ def test_flux_folder_loads_and_generates(flux_dir):
     assert np.isfinite(images).all()
 
 
-def test_tiny_model_dir_builds_once(cache_root, monkeypatch):
-    calls = count_builds(monkeypatch)
-    first = tiny.tiny_model_dir("flux")
+def test_tiny_model_dir_builds_once_per_version(cache_root):
+    build, calls = counting(flux.build)
+    first = tiny.tiny_model_dir("flux", build)
     mtime = first.stat().st_mtime_ns
-    second = tiny.tiny_model_dir("flux")
-    assert first == second == cache_root / f"flux-v{tiny.FACTORY_VERSION}"
+    second = tiny.tiny_model_dir("flux", build)
+    assert first == second == cache_root / "flux-v1"
     assert len(calls) == 1
+    assert tiny.tiny_model_dir("flux", build, version=2) == cache_root / "flux-v2"
+    assert len(calls) == 2
     assert second.stat().st_mtime_ns == mtime
     assert (first / "model_index.json").is_file()
 
 
-def test_crashed_builds_leave_nothing_behind(cache_root, monkeypatch):
-    target = cache_root / f"flux-v{tiny.FACTORY_VERSION}"
+def test_crashed_builds_leave_nothing_behind(cache_root):
+    target = cache_root / "flux-v1"
     stale = cache_root / f"{target.name}.tmp-999999"  # from a build killed before its rename
     stale.mkdir()
     (stale / "model_index.json").write_text("{")
@@ -85,28 +88,25 @@ def test_crashed_builds_leave_nothing_behind(cache_root, monkeypatch):
         (out_dir / "partial").write_text("x")
         raise RuntimeError("crash")
 
-    real_build = tiny.BUILDERS["flux"]
-    monkeypatch.setitem(tiny.BUILDERS, "flux", crashing_build)
     with pytest.raises(RuntimeError):
-        tiny.tiny_model_dir("flux")
+        tiny.tiny_model_dir("flux", crashing_build)
     assert not target.exists()
     assert not list(cache_root.glob("*.tmp-*"))
 
-    monkeypatch.setitem(tiny.BUILDERS, "flux", real_build)
     stale.mkdir()
-    assert tiny.tiny_model_dir("flux") == target
+    assert tiny.tiny_model_dir("flux", flux.build) == target
     assert (target / flux.BFL_TRANSFORMER_FILE).is_file()
     assert not list(cache_root.glob("*.tmp-*"))
 
 
-def test_concurrent_callers_build_once(cache_root, monkeypatch):
+def test_concurrent_callers_build_once(cache_root):
     def slow_build(out_dir):
         time.sleep(0.2)
         (out_dir / "done").write_text("ok")
 
-    calls = count_builds(monkeypatch, slow_build)
+    build, calls = counting(slow_build)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(tiny.tiny_model_dir("flux"))) for _ in range(3)]
+    threads = [threading.Thread(target=lambda: results.append(tiny.tiny_model_dir("flux", build))) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -116,9 +116,23 @@ def test_concurrent_callers_build_once(cache_root, monkeypatch):
     assert (results[0] / "done").read_text() == "ok"
 
 
-def test_unknown_family_lists_known_ones():
-    with pytest.raises(ValueError, match="flux"):
-        tiny.tiny_model_dir("not-a-family")
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_models.py"), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_script_finds_every_family_module_builders(tmp_path):
+    result = run_script("--out", str(tmp_path), "not-a-family")
+    assert result.returncode != 0
+    known = result.stderr.strip().splitlines()[-1].split("known: ")[1].split(", ")
+    assert set(known) == {"flux", "sdxl", *wan.TINY_MODELS}
+
+
+def test_script_builds_into_out(tmp_path, flux_dir):
+    result = run_script("--out", str(tmp_path), "flux")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == f"flux: {tmp_path / 'flux'}"
+    assert relative_files(tmp_path / "flux") == relative_files(flux_dir)
 
 
 def test_flux_bfl_file_holds_the_folder_transformer(flux_dir):

@@ -18,7 +18,7 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from src.config.schema import WAN_CLIP_VARIANTS, WAN_VARIANTS
+from src.config.family import choices, model_keys
 from src.formats import wan as formats
 from src.modules.wan import FULL_FILE, LORA_FILE, VARIANTS
 from src.tiny import tiny_model_dir
@@ -69,6 +69,10 @@ def fresh_from_diffusers(native_file, config, tmp_path) -> WanTransformer3DModel
                                                   torch_dtype=torch.float32)
 
 
+def tiny_dir(name: str):
+    return tiny_model_dir(name, tiny_wan.TINY_MODELS[name])
+
+
 def expert_file(variant: str, expert: str) -> str:
     """The tiny A14B checkpoint's ComfyUI single file of one expert, named like Comfy-Org's repackaged files."""
     task = "i2v" if VARIANTS[variant].i2v else "t2v"
@@ -77,7 +81,7 @@ def expert_file(variant: str, expert: str) -> str:
 
 def base_native_files(variant: str) -> dict[str, object]:
     """Pipeline slot -> the tiny checkpoint's transformer file for that slot."""
-    root = tiny_model_dir(VARIANTS[variant].tiny)
+    root = tiny_dir(VARIANTS[variant].tiny)
     if VARIANTS[variant].expert:
         return {slot: root / expert_file(variant, expert) for expert, slot in EXPERT_SLOTS.items()}
     return {"transformer": root / "diffusion_pytorch_model.safetensors"}
@@ -146,7 +150,7 @@ def test_full_finetune_exports_a_comfyui_file_diffusers_loads_with_identical_wei
 @pytest.mark.parametrize("tiny,subfolder", [("wan21_t2v", ""), ("wan21_i2v", ""),
                                             ("wan22_a14b_i2v", "low_noise_model")])
 def test_transformer_key_map_agrees_with_diffusers_converter(tiny, subfolder):
-    model = formats.load_transformer(tiny_model_dir(tiny) / subfolder, torch.float32, 2)
+    model = formats.load_transformer(tiny_dir(tiny) / subfolder, torch.float32, 2)
     native = formats.transformer_to_native(model.state_dict())
     assert native.keys() >= {"blocks.0.self_attn.q.weight", "blocks.0.cross_attn.o.weight", "blocks.0.ffn.0.weight",
                              "blocks.0.norm3.weight", "blocks.0.modulation", "head.head.weight", "text_embedding.0.weight"}
@@ -177,7 +181,7 @@ def test_original_vae_file_loads_into_the_same_autoencoder(tmp_path, build):
 
 
 def test_original_and_comfyui_text_encoder_files_give_the_same_embeddings():
-    root = tiny_model_dir("wan21_t2v")
+    root = tiny_dir("wan21_t2v")
     original = formats.load_umt5(root / tiny_wan.T5_FILE, torch.float32)
     comfy = formats.load_umt5(root / tiny_wan.COMFY_T5_FILE, torch.float32)
     ids = torch.tensor([[7, 8, 9, 1, 0]])
@@ -187,7 +191,7 @@ def test_original_and_comfyui_text_encoder_files_give_the_same_embeddings():
 
 @pytest.mark.parametrize("variant", ["wan21_t2v", "wan22_low", "wan22_high", "wan22_low_i2v", "wan22_high_i2v"])
 def test_comfyui_single_files_load_the_same_weights_as_the_checkpoint_folder(make_config, variant):
-    root = tiny_model_dir(VARIANTS[variant].tiny)
+    root = tiny_dir(VARIANTS[variant].tiny)
     expert = VARIANTS[variant].expert
     comfy = root / (expert_file(variant, expert) if expert else "comfyui/wan2.1_t2v_tiny.safetensors")
     folder = train(make_config, variant, "adapter=none", "trainer.max_steps=0", run_name="folder")
@@ -205,7 +209,7 @@ def test_comfyui_single_files_load_the_same_weights_as_the_checkpoint_folder(mak
 @pytest.mark.parametrize("variant,in_dim", [("wan22_low", 16), ("wan22_low_i2v", 36)])
 def test_tiny_a14b_checkpoint_is_the_original_layout_and_rebuilds_byte_identical(tmp_path, variant, in_dim):
     tiny = VARIANTS[variant].tiny
-    cached = tiny_model_dir(tiny)
+    cached = tiny_dir(tiny)
     getattr(tiny_wan, f"build_{tiny}")(tmp_path)
     files = sorted(p.relative_to(cached) for p in cached.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
@@ -222,6 +226,5 @@ def test_tiny_a14b_checkpoint_is_the_original_layout_and_rebuilds_byte_identical
 
 
 def test_every_variant_has_a_config_file_and_is_known_to_the_schema():
-    assert set(WAN_VARIANTS) == set(VARIANTS)
-    assert set(WAN_CLIP_VARIANTS) == {name for name, variant in VARIANTS.items() if variant.clip}
+    assert set(choices(model_keys("src.modules.wan.WanModule")["variant"].annotation)) == set(VARIANTS)
     assert {p.stem for p in (ROOT / "conf" / "model").glob("wan*.yaml")} == set(VARIANTS)

@@ -1,71 +1,10 @@
 """Typed schemas for the config groups. A key that is not declared here is a typo, and a value of the wrong
-type is an error, both reported before anything heavy loads (see `validate.py`).
+type is an error, both reported before anything heavy loads (see `validate.py`). The model group has no schema
+here: each family declares its keys in its constructor (see `family.py`).
 
 Keys keep the reference trainer's names (diffusion-pipe) so its users feel at home."""
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
-
-
-@dataclass
-class ModelConfig:
-    """Keys every family understands."""
-
-    _target_: str = "???"
-    tiny: bool = False
-    dtype: str = "bfloat16"
-    transformer_dtype: Optional[str] = None
-    timestep_sample_method: str = "logit_normal"
-    sigmoid_scale: float = 1.0
-    shift: Optional[float] = None
-    flux_shift: bool = False
-    min_t: float = 0.0
-    max_t: float = 1.0
-    activation_checkpointing: Union[bool, str] = False
-    blocks_to_swap: int = 0
-
-
-@dataclass
-class FluxConfig(ModelConfig):
-    diffusers_path: Optional[str] = None
-    transformer_path: Optional[str] = None
-    guidance: float = 1.0
-    bypass_guidance_embedding: bool = False
-    max_sequence_length: int = 512
-
-
-WAN_VARIANTS = ("wan21_t2v", "wan21_i2v", "wan22_low", "wan22_high", "wan22_low_i2v", "wan22_high_i2v", "wan22_5b")
-WAN_CLIP_VARIANTS = ("wan21_i2v",)  # the variants that read clip_path (Wan2.2 A14B I2V has no image encoder)
-
-
-@dataclass
-class WanConfig(ModelConfig):
-    variant: str = "???"
-    ckpt_path: Optional[str] = None
-    transformer_path: Optional[str] = None
-    llm_path: Optional[str] = None
-    clip_path: Optional[str] = None  # only for WAN_CLIP_VARIANTS
-    max_sequence_length: int = 512
-
-
-@dataclass
-class SDXLConfig(ModelConfig):
-    timestep_sample_method: str = "uniform"  # DDPM: a uniform t gives uniform integer timesteps
-    checkpoint_path: Optional[str] = None
-    v_pred: bool = False
-    min_snr_gamma: Optional[float] = None
-    debiased_estimation_loss: bool = False
-    unet_lr: Optional[float] = None
-    text_encoder_1_lr: Optional[float] = None
-    text_encoder_2_lr: Optional[float] = None
-
-
-# The schema of each family, by the `_target_` of its model config.
-MODEL_SCHEMAS: dict[str, type[ModelConfig]] = {
-    "src.modules.sdxl.SDXLModule": SDXLConfig,
-    "src.modules.flux.FluxModule": FluxConfig,
-    "src.modules.flux_kontext.FluxKontextModule": FluxConfig,
-    "src.modules.wan.WanModule": WanConfig,
-}
+from typing import Any, Optional
 
 
 @dataclass
@@ -144,7 +83,4 @@ class RootConfig:
 
 
 GROUPS = ("model", "dataset", "adapter", "optimizer", "scheduler", "trainer", "logger", "experiment")
-DTYPES = ("float32", "float16", "bfloat16")
 VIDEO_CLIP_MODES = ("single_beginning", "single_middle", "multiple_overlapping")
-FP8_DTYPES = ("float8", "float8_e4m3fn", "float8_e5m2")
-ACTIVATION_CHECKPOINTING = (False, True, "offload")

@@ -11,29 +11,17 @@ from typing import Any, Union, get_args, get_origin
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
-from .schema import (
-    ACTIVATION_CHECKPOINTING,
-    DTYPES,
-    FP8_DTYPES,
-    GROUPS,
-    MODEL_SCHEMAS,
-    VIDEO_CLIP_MODES,
-    WAN_CLIP_VARIANTS,
-    WAN_VARIANTS,
-    AdapterConfig,
-    DatasetConfig,
-    RootConfig,
-)
+from .errors import ConfigError
+from .family import Key, choices, marker, model_keys, model_schema
+from .keys import Choices, ModelPath
+from .schema import GROUPS, VIDEO_CLIP_MODES, AdapterConfig, DatasetConfig, RootConfig
+
+__all__ = ["ConfigError", "validate"]
 
 # Arguments of optimizer / scheduler targets that the trainer passes itself, never the config.
 SUPPLIED_BY_TRAINER = {"optimizer": ("params",), "scheduler": ("optimizer", "total_steps")}
 # Optimizer keys our module handles itself rather than passing to the optimizer class.
 OPTIMIZER_OPTIONS = ("gradient_release",)
-
-
-class ConfigError(ValueError):
-    """A mistake in the config (or in the data it points at) that the user can fix; the message names the key and
-    the fix. train.py prints it alone, without a traceback."""
 
 
 def validate(cfg: DictConfig) -> None:
@@ -81,9 +69,9 @@ def _single_process(trainer: DictConfig) -> bool:
     return trainer.get("devices", 1) in (1, "1") and trainer.get("num_nodes", 1) == 1
 
 
-def _check_schema(schema: type, node: DictConfig, where: str) -> None:
+def _check_schema(schema: type, node: DictConfig, where: str) -> DictConfig:
     """Unknown keys first (entries of lists such as dataset.directories before their list), then types and
-    required keys."""
+    required keys. Returns the node with the schema's defaults filled in."""
     types = {f.name: f.type for f in fields(schema)}
     for key in node.keys():
         if key not in types:
@@ -98,6 +86,7 @@ def _check_schema(schema: type, node: DictConfig, where: str) -> None:
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(f"{_join(where, missing[0])} is required but not set.")
+    return merged
 
 
 def _check_entries(schema: type, entries: list, where: str) -> None:
@@ -144,56 +133,31 @@ def _join(where: str, key: str) -> str:
 
 
 def _check_model(model: DictConfig, adapter: DictConfig) -> None:
-    target = model.get("_target_")
-    schema = MODEL_SCHEMAS.get(target)
-    if schema is None:
-        raise ConfigError(f"model._target_ '{target}' is not a known family. Known: {', '.join(MODEL_SCHEMAS)}.")
-    _check_schema(schema, model, "model")
-    if "variant" in model:
-        _check_choice(model.variant, WAN_VARIANTS, "model.variant", "the Wan model")
-        if model.get("clip_path") and model.variant not in WAN_CLIP_VARIANTS:
-            raise ConfigError(f"model.clip_path={model.clip_path} would be ignored: model.variant={model.variant} "
-                              f"has no CLIP image encoder (only {', '.join(WAN_CLIP_VARIANTS)} reads one). "
-                              f"Unset model.clip_path, or pick model=wan21_i2v.")
-    _check_choice(model.dtype, DTYPES, "model.dtype", "a compute dtype")
-    _check_choice(model.timestep_sample_method, ("logit_normal", "uniform"), "model.timestep_sample_method", "")
-    if model.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
-        raise ConfigError(f"model.activation_checkpointing={model.activation_checkpointing} is not valid. Choose "
-                          f"true (recompute each block's activations in backward), offload (the same, with the "
-                          f"block inputs kept for it in CPU memory: the reference trainer's 'unsloth') or false.")
+    """The keys, types, choices and paths its family's constructor declares (family.py), then the shared rules."""
+    keys = model_keys(model.get("_target_"))
+    model = _check_schema(model_schema(keys), model, "model")
+    for key in keys.values():
+        _check_model_key(key, model)
     if not 0.0 <= model.min_t < model.max_t <= 1.0:
         raise ConfigError(f"model.min_t={model.min_t} and model.max_t={model.max_t} must satisfy 0 <= min_t < max_t <= 1.")
-    if model.get("transformer_dtype") is not None:
-        _check_choice(model.transformer_dtype, FP8_DTYPES, "model.transformer_dtype", "fp8 storage for LoRA training")
-        if adapter.type != "lora":
-            raise ConfigError("model.transformer_dtype (fp8 storage) only works with a LoRA: a full fine-tune must "
-                              "update every weight in full precision. Use adapter=lora or unset model.transformer_dtype.")
-    if not model.tiny:
-        _check_model_paths(model)
+    if model.get("transformer_dtype") is not None and adapter.type != "lora":
+        raise ConfigError("model.transformer_dtype (fp8 storage) only works with a LoRA: a full fine-tune must "
+                          "update every weight in full precision. Use adapter=lora or unset model.transformer_dtype.")
 
 
-def _check_model_paths(model: DictConfig) -> None:
-    if "diffusers_path" in model:
-        if model.diffusers_path is None:
-            raise ConfigError("model.diffusers_path is not set. Point it at the model's Diffusers folder "
-                              "(model.diffusers_path=/models/FLUX.1-dev), or use model.tiny=true for a tiny test model.")
-        _check_path(model.diffusers_path, "model.diffusers_path", "the model's Diffusers folder")
-    if "ckpt_path" in model:
-        if model.ckpt_path is None:
-            raise ConfigError("model.ckpt_path is not set. Point it at the original checkpoint folder "
-                              "(model.ckpt_path=/models/Wan2.1-T2V-1.3B), or use model.tiny=true for a tiny test model.")
-        _check_path(model.ckpt_path, "model.ckpt_path", "the original checkpoint folder")
-    if "checkpoint_path" in model:
-        if model.checkpoint_path is None:
-            raise ConfigError("model.checkpoint_path is not set. Point it at the original single-file checkpoint "
-                              "(model.checkpoint_path=/models/sd_xl_base_1.0.safetensors), or use model.tiny=true "
-                              "for a tiny test model.")
-        _check_path(model.checkpoint_path, "model.checkpoint_path", "the original single-file checkpoint")
-    if model.get("transformer_path"):
-        _check_path(model.transformer_path, "model.transformer_path", "a single-file transformer checkpoint")
-    for key, what in (("llm_path", "a single-file text encoder"), ("clip_path", "a CLIP vision model folder")):
-        if model.get(key):
-            _check_path(model[key], f"model.{key}", what)
+def _check_model_key(key: Key, model: DictConfig) -> None:
+    value, name = model[key.name], f"model.{key.name}"
+    allowed = choices(key.annotation)
+    if allowed is not None and value is not None:
+        words = marker(key.annotation, Choices) or Choices()
+        _check_choice(value, allowed, name, words.what, words.listed)
+    path = marker(key.annotation, ModelPath)
+    if path is not None and value is not None:
+        _check_path(value, name, path.what)
+    elif path is not None and path.required and not model.tiny:
+        example = f" ({name}={path.example})" if path.example else ""
+        raise ConfigError(f"{name} is not set. Point it at {path.what}{example}, or use model.tiny=true for a tiny "
+                          f"test model.")
 
 
 def _check_dataset_paths(dataset: DictConfig, where: str) -> None:
@@ -218,10 +182,10 @@ def _check_path(path: str, key: str, what: str) -> None:
         raise ConfigError(f"{key}={path} does not exist. It should be {what}.")
 
 
-def _check_choice(value, choices, key: str, what: str) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value} is not valid{' (' + what + ')' if what else ''}. "
-                          f"Choose one of: {', '.join(map(str, choices))}.")
+def _check_choice(value, allowed, key: str, what: str, listed: str = "") -> None:
+    if value not in allowed:
+        listed = listed or f"one of: {', '.join(map(str, allowed))}"
+        raise ConfigError(f"{key}={value} is not valid{' (' + what + ')' if what else ''}. Choose {listed}.")
 
 
 def _check_callable_kwargs(node: DictConfig, group: str) -> None:

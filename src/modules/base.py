@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Annotated, Any, Literal, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from src.config.keys import Choices
 from src.config.validate import ConfigError
 from src.optim.gradient_release import GradientReleaseOptimizer
 
@@ -66,10 +67,19 @@ class DiffusionModule(LightningModule, ABC):
     text_depends_on_images: bool = False                # encode_captions sees the controls (cache key covers them)
     fold_lora_scale: bool = True                        # False: export_lora gets unscaled weights, writes alpha
 
-    def __init__(self, tiny: bool = False, dtype: str = "bfloat16", transformer_dtype: Optional[str] = None,
-                 timestep_sample_method: str = "logit_normal", sigmoid_scale: float = 1.0,
-                 shift: Optional[float] = None, flux_shift: bool = False, min_t: float = 0.0, max_t: float = 1.0,
-                 activation_checkpointing: bool | str = False, blocks_to_swap: int = 0,
+    # The constructor declares the config keys every family shares: their types, choices and defaults are what
+    # validation checks (src/config/family.py reads them from this signature without importing this module).
+    def __init__(self, tiny: bool = False,
+                 dtype: Annotated[Literal["float32", "float16", "bfloat16"], Choices("a compute dtype")] = "bfloat16",
+                 transformer_dtype: Annotated[Optional[Literal["float8", "float8_e4m3fn", "float8_e5m2"]],
+                                              Choices("fp8 storage for LoRA training")] = None,
+                 timestep_sample_method: Literal["logit_normal", "uniform"] = "logit_normal",
+                 sigmoid_scale: float = 1.0, shift: Optional[float] = None, flux_shift: bool = False,
+                 min_t: float = 0.0, max_t: float = 1.0,
+                 activation_checkpointing: Annotated[Literal[False, True, "offload"], Choices(listed=(
+                     "true (recompute each block's activations in backward), offload (the same, with the block "
+                     "inputs kept for it in CPU memory: the reference trainer's 'unsloth') or false"))] = False,
+                 blocks_to_swap: int = 0,
                  adapter: Optional[DictConfig] = None,
                  optimizer: Optional[DictConfig] = None, scheduler: Optional[DictConfig] = None,
                  eval_names: tuple[str, ...] = (), seed: int = 0):

@@ -1,6 +1,6 @@
 """Chroma (lodestone's Flux Schnell derivative): diffusers' ChromaTransformer2DModel on Flux's packed latents,
 conditioned on T5 embeddings alone, with the attention mask ChromaPipeline builds (every real token plus the first
-pad token). The transformer comes from the Chroma single file (`transformer_path`, native/ComfyUI layout); the VAE
+pad token, applied as the pipeline applies it). The transformer comes from the Chroma single file (`transformer_path`, native/ComfyUI layout); the VAE
 and T5 from a FLUX.1 dev or schnell Diffusers folder (`diffusers_path`). LoRAs export in ComfyUI format
 (`diffusion_model.<native names>`, q/k/v fused as the native layout is), full fine-tunes as the native single file."""
 from pathlib import Path
@@ -18,7 +18,7 @@ from src.tiny import chroma as tiny_chroma
 from src.tiny import tiny_model_dir
 from src.utils.atomic import save_safetensors
 
-from .flux import FluxEncoders, FluxModule
+from .flux import FluxBase, FluxEncoders
 
 LORA_FILE = "adapter_model.safetensors"
 FULL_FILE = "chroma.safetensors"
@@ -27,14 +27,15 @@ FULL_FILE = "chroma.safetensors"
 class ChromaEncoders(FluxEncoders):
     @torch.no_grad()
     def encode_captions(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
-        """T5 embeddings as ChromaPipeline computes them, cut after the one pad token its mask keeps: the
-        batch collate pads them again, with the mask (see DiffusionModule.collate_text)."""
+        """T5 embeddings and their mask (every real token plus the first pad) as ChromaPipeline computes them, padded
+        to max_sequence_length as it does: the transformer takes the mask additively (0/1 logits bias, not a
+        hard mask), so the pad tokens' embeddings reach it and must be those of inference."""
         embeds, mask = self.pipe._get_t5_prompt_embeds(captions, max_sequence_length=self.max_sequence_length,
                                                        device=self.pipe.text_encoder.device)
-        return [{"prompt_embeds": e[:int(m.sum())]} for e, m in zip(embeds, mask)]
+        return [{"prompt_embeds": e, "prompt_embeds_mask": m.bool()} for e, m in zip(embeds, mask)]
 
 
-class ChromaModule(FluxModule):
+class ChromaModule(FluxBase):
     cache_name = "chroma"
     lora_target_blocks = ("ChromaTransformerBlock", "ChromaSingleTransformerBlock")
     keep_in_high_precision = (r"^x_embedder", r"^context_embedder", r"^distilled_guidance_layer", r"^proj_out",
@@ -82,18 +83,13 @@ class ChromaModule(FluxModule):
         axes = tiny_chroma.TRANSFORMER_CONFIG["axes_dims_rope"] if self.tiny else None
         return formats.load_chroma_transformer(self.transformer_file, self.compute_dtype, axes)
 
-    @property
-    def uses_guidance(self) -> bool:
-        return False
-
     def denoise_tokens(self, tokens: torch.Tensor, ids: torch.Tensor, t: torch.Tensor,
                        text: dict[str, torch.Tensor]) -> torch.Tensor:
         prompt_embeds = text["prompt_embeds"]
         b, length = prompt_embeds.shape[:2]
-        text_mask = text.get("prompt_embeds_mask", torch.ones(b, length, dtype=torch.bool, device=tokens.device))
-        # ChromaPipeline._prepare_attention_mask: the text mask, then every image token
-        mask = torch.cat([text_mask.to(tokens.dtype), torch.ones(b, tokens.shape[1], device=tokens.device,
-                                                                 dtype=tokens.dtype)], dim=1)
+        # ChromaPipeline._prepare_attention_mask: the text mask, then every image token, in the compute dtype
+        mask = torch.cat([text["prompt_embeds_mask"].to(tokens.dtype),
+                          torch.ones(b, tokens.shape[1], device=tokens.device, dtype=tokens.dtype)], dim=1)
         txt_ids = torch.zeros(length, 3, device=tokens.device, dtype=tokens.dtype)
         return self.denoiser(hidden_states=tokens, timestep=t, encoder_hidden_states=prompt_embeds, txt_ids=txt_ids,
                              img_ids=ids, attention_mask=mask, return_dict=False)[0]

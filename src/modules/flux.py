@@ -1,14 +1,17 @@
 """Flux.1 (dev, schnell, de-distilled, Flex): diffusers' FluxTransformer2DModel on packed 2x2 latent patches,
 conditioned on T5 token embeddings and a pooled CLIP vector. LoRAs export in diffusers format, full fine-tunes
 as a BFL single file plus a diffusers transformer folder."""
+from abc import abstractmethod
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
+from src.config.keys import ModelPath
 from src.datamodules.cache import fingerprint_files
 from src.formats.flux import load_bfl_transformer, save_bfl_transformer
+from src.tiny import flux as tiny_flux
 from src.tiny import tiny_model_dir
 
 from .base import DiffusionModule
@@ -54,27 +57,56 @@ class GuidanceBypass(torch.nn.Module):
         return timesteps_emb + self.text_embedder(pooled_projection)
 
 
-class FluxModule(DiffusionModule):
-    cache_name = "flux"
-    lora_target_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+class FluxBase(DiffusionModule):
+    """What Flux, Flux Kontext and Chroma share: a FLUX.1 Diffusers folder (VAE, T5; `diffusers_path`), an optional
+    single-file transformer (`transformer_path`), and a transformer on 2x2-packed latent tokens followed by any
+    context tokens (`context_tokens`). A subclass supplies the transformer call (`denoise_tokens`)."""
     block_lists = ("transformer_blocks", "single_transformer_blocks")
-    keep_in_high_precision = (r"^time_text_embed", r"^context_embedder$", r"^x_embedder$", r"^proj_out$",
-                              r"^norm_out")
     pixels_round_to_multiple = 16  # VAE factor 8 x 2x2 patches
 
-    def __init__(self, diffusers_path: Optional[str] = None, transformer_path: Optional[str] = None,
-                 guidance: float = 1.0, bypass_guidance_embedding: bool = False, max_sequence_length: int = 512,
-                 **common):
+    def __init__(self,
+                 diffusers_path: Annotated[Optional[str], ModelPath(
+                     "the model's Diffusers folder", example="/models/FLUX.1-dev", required=True)] = None,
+                 transformer_path: Annotated[Optional[str], ModelPath("a single-file transformer checkpoint")] = None,
+                 max_sequence_length: int = 512, **common):
         super().__init__(**common)
         self.diffusers_path = diffusers_path
         self.transformer_path = transformer_path
-        self.guidance = guidance
-        self.bypass_guidance_embedding = bypass_guidance_embedding
         self.max_sequence_length = max_sequence_length
 
     @property
     def model_dir(self) -> Path:
-        return tiny_model_dir("flux") if self.tiny else Path(self.diffusers_path)
+        return tiny_model_dir("flux", tiny_flux.build) if self.tiny else Path(self.diffusers_path)
+
+    def predict(self, noisy_latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
+                cond: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        b, c, h, w = noisy_latents.shape
+        tokens, ids = pack_with_ids(noisy_latents)
+        context, context_ids = self.context_tokens(cond or {}, tokens)
+        out = self.denoise_tokens(torch.cat([tokens, context], dim=1), torch.cat([ids, context_ids]), t, text)
+        return unpack_latents(out[:, :tokens.shape[1]], c, h, w)  # the loss covers the noisy image's tokens only
+
+    def context_tokens(self, cond: dict[str, torch.Tensor], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean tokens the denoiser sees after the noisy image's, with their position ids (Kontext: the control
+        images'); none for plain text-to-image."""
+        return tokens[:, :0], torch.zeros(0, 3, device=tokens.device, dtype=tokens.dtype)
+
+    @abstractmethod
+    def denoise_tokens(self, tokens: torch.Tensor, ids: torch.Tensor, t: torch.Tensor,
+                       text: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The transformer's output for the image's tokens (and context tokens) with position ids `ids`."""
+
+
+class FluxModule(FluxBase):
+    cache_name = "flux"
+    lora_target_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+    keep_in_high_precision = (r"^time_text_embed", r"^context_embedder$", r"^x_embedder$", r"^proj_out$",
+                              r"^norm_out")
+
+    def __init__(self, guidance: float = 1.0, bypass_guidance_embedding: bool = False, **common):
+        super().__init__(**common)
+        self.guidance = guidance
+        self.bypass_guidance_embedding = bypass_guidance_embedding
 
     # --- caching
     def cache_fingerprints(self) -> tuple[str, str]:
@@ -102,19 +134,6 @@ class FluxModule(DiffusionModule):
     @property
     def uses_guidance(self) -> bool:
         return self.denoiser.config.guidance_embeds and not self.bypass_guidance_embedding
-
-    def predict(self, noisy_latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
-                cond: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
-        b, c, h, w = noisy_latents.shape
-        tokens, ids = pack_with_ids(noisy_latents)
-        context, context_ids = self.context_tokens(cond or {}, tokens)
-        out = self.denoise_tokens(torch.cat([tokens, context], dim=1), torch.cat([ids, context_ids]), t, text)
-        return unpack_latents(out[:, :tokens.shape[1]], c, h, w)  # the loss covers the noisy image's tokens only
-
-    def context_tokens(self, cond: dict[str, torch.Tensor], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clean tokens the denoiser sees after the noisy image's, with their position ids (Kontext: the control
-        images'); none for plain text-to-image."""
-        return tokens[:, :0], torch.zeros(0, 3, device=tokens.device, dtype=tokens.dtype)
 
     def denoise_tokens(self, tokens: torch.Tensor, ids: torch.Tensor, t: torch.Tensor,
                        text: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -7,13 +7,14 @@ only, because the text encoders train. LoRAs export in kohya's format (lora.safe
 original checkpoint (model.safetensors)."""
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 from transformers import CLIPTokenizer
 
+from src.config.keys import ModelPath
 from src.config.validate import ConfigError
 from src.datamodules.cache import fingerprint_files
 from src.formats.sdxl import (
@@ -26,6 +27,7 @@ from src.formats.sdxl import (
     split_parts,
     untrained_tensors,
 )
+from src.tiny import sdxl as tiny_sdxl
 from src.tiny import tiny_model_dir
 from src.tiny.sdxl import CHECKPOINT_FILE as TINY_FILE
 from src.utils.atomic import save_safetensors
@@ -69,10 +71,16 @@ class SDXLModule(DiffusionModule):
     pixels_round_to_multiple = 64  # kohya's SDXL bucket step
     fold_lora_scale = False  # kohya files carry alpha tensors
 
-    def __init__(self, checkpoint_path: Optional[str] = None, v_pred: bool = False,
+    def __init__(self,
+                 checkpoint_path: Annotated[Optional[str], ModelPath(
+                     "the original single-file checkpoint", example="/models/sd_xl_base_1.0.safetensors",
+                     required=True)] = None,
+                 v_pred: bool = False,
                  min_snr_gamma: Optional[float] = None, debiased_estimation_loss: bool = False,
                  unet_lr: Optional[float] = None, text_encoder_1_lr: Optional[float] = None,
-                 text_encoder_2_lr: Optional[float] = None, timestep_sample_method: str = "uniform", **common):
+                 text_encoder_2_lr: Optional[float] = None,
+                 timestep_sample_method="uniform",  # DDPM: a uniform t gives uniform integer timesteps
+                 **common):
         if common.get("transformer_dtype"):
             raise ConfigError("model.transformer_dtype (fp8 storage) is not supported for SDXL; unset it.")
         if min_snr_gamma is not None and min_snr_gamma <= 0:
@@ -89,12 +97,12 @@ class SDXLModule(DiffusionModule):
     @property
     def checkpoint(self) -> Path:
         """checkpoint_path; with tiny=true and no checkpoint_path, the tiny model's own single file."""
-        return Path(self.checkpoint_path) if self.checkpoint_path else tiny_model_dir("sdxl") / TINY_FILE
+        return Path(self.checkpoint_path) if self.checkpoint_path else tiny_model_dir("sdxl", tiny_sdxl.build) / TINY_FILE
 
     @property
     def config_dir(self) -> Path:
         """The diffusers configs `from_single_file` builds the models from."""
-        return tiny_model_dir("sdxl") if self.tiny else SDXL_BASE_CONFIG_DIR
+        return tiny_model_dir("sdxl", tiny_sdxl.build) if self.tiny else SDXL_BASE_CONFIG_DIR
 
     # --- caching
     def cache_fingerprints(self) -> tuple[str, str]:

@@ -19,18 +19,20 @@ LoRAs export in ComfyUI format (`diffusion_model.blocks.N.self_attn.q.lora_A.wei
 ComfyUI-layout single file plus the diffusers config that lets `from_single_file` read it offline."""
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel
 
+from src.config.keys import Choices, ModelPath
 from src.config.validate import ConfigError
 from src.datamodules.cache import fingerprint_files
 from src.formats import wan as formats
 from src.formats.single_file import save_native
 from src.tiny import tiny_model_dir
+from src.tiny import wan as tiny_wan
 from src.utils.atomic import save_safetensors
 
 from .base import DiffusionModule
@@ -44,7 +46,7 @@ FULL_FILE = "transformer_comfyui.safetensors"
 
 @dataclass(frozen=True)
 class Variant:
-    tiny: str  # tiny model builder (src.tiny)
+    tiny: str  # tiny model (src.tiny.wan.TINY_MODELS)
     cache: str  # latents and text embeddings are shared by variants with the same VAE / T5 / conditioning
     expert: Optional[str] = None  # A14B expert subfolder of the checkpoint
     i2v: bool = False
@@ -122,9 +124,20 @@ class WanModule(DiffusionModule):
     framerate = 16
     frames_multiple = 4
 
-    def __init__(self, variant: str = "wan21_t2v", ckpt_path: Optional[str] = None,
-                 transformer_path: Optional[str] = None, llm_path: Optional[str] = None,
-                 clip_path: Optional[str] = None, max_sequence_length: int = 512, **common):
+    def __init__(self,
+                 variant: Annotated[Literal["wan21_t2v", "wan21_i2v", "wan22_low", "wan22_high", "wan22_low_i2v",
+                                            "wan22_high_i2v", "wan22_5b"], Choices("the Wan model")] = "wan21_t2v",
+                 ckpt_path: Annotated[Optional[str], ModelPath(
+                     "the original checkpoint folder", example="/models/Wan2.1-T2V-1.3B", required=True)] = None,
+                 transformer_path: Annotated[Optional[str], ModelPath("a single-file transformer checkpoint")] = None,
+                 llm_path: Annotated[Optional[str], ModelPath("a single-file text encoder")] = None,
+                 clip_path: Annotated[Optional[str], ModelPath("a CLIP vision model folder")] = None,
+                 max_sequence_length: int = 512, **common):
+        if clip_path and not VARIANTS[variant].clip:
+            readers = ", ".join(name for name, v in VARIANTS.items() if v.clip)
+            raise ConfigError(f"model.clip_path={clip_path} would be ignored: model.variant={variant} has no CLIP "
+                              f"image encoder (only {readers} reads one). Unset model.clip_path, or pick "
+                              f"model=wan21_i2v.")
         super().__init__(**common)
         self.variant_name = variant
         self.variant = VARIANTS[variant]
@@ -140,7 +153,7 @@ class WanModule(DiffusionModule):
     # --- files
     @property
     def ckpt_dir(self) -> Path:
-        return tiny_model_dir(self.variant.tiny) if self.tiny else Path(self.ckpt_path)
+        return tiny_model_dir(self.variant.tiny, tiny_wan.TINY_MODELS[self.variant.tiny]) if self.tiny else Path(self.ckpt_path)
 
     def _require(self, path: Path, key: str, what: str) -> Path:
         if not path.exists():

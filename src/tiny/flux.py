@@ -73,3 +73,6 @@ def build(out_dir: Path) -> None:
     pipe = pipeline()
     pipe.save_pretrained(out_dir)
     save_bfl_transformer(pipe.transformer, Path(out_dir) / BFL_TRANSFORMER_FILE)
+
+
+TINY_MODELS = {"flux": build}

@@ -81,3 +81,6 @@ def build(out_dir: Path) -> None:
     # No modelspec metadata: safetensors writes metadata keys in no fixed order, and the build must be
     # byte-identical every time.
     save_original_checkpoint(original_state_dict(pipe), Path(out_dir) / CHECKPOINT_FILE, {})
+
+
+TINY_MODELS = {"sdxl": build}

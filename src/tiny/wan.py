@@ -126,3 +126,7 @@ def build_wan22_a14b_i2v(out_dir: Path) -> None:
 def build_wan22_5b(out_dir: Path) -> None:
     write_transformer(transformer(48, 48), out_dir, out_dir / "comfyui/wan2.2_ti2v_5B_tiny.safetensors")
     write_shared(out_dir, vae22(), "Wan2.2_VAE.pth")
+
+
+TINY_MODELS = {"wan21_t2v": build_wan21_t2v, "wan21_i2v": build_wan21_i2v, "wan22_a14b": build_wan22_a14b,
+               "wan22_a14b_i2v": build_wan22_a14b_i2v, "wan22_5b": build_wan22_5b}
