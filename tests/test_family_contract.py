@@ -3,7 +3,7 @@ such a family, written here as a newcomer would write one: its own model code (n
 own config keys read from its constructor, its own tiny builder, variable-length text, and a frozen encoder that
 runs in the loop. The config it trains with is one yaml in a folder Hydra is pointed at."""
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import pytest
 import torch
@@ -22,6 +22,8 @@ TEXT_WIDTH, LATENT_CHANNELS, FACTOR = 8, 4, 8
 
 # --- the family's own model code
 class ToyBlock(torch.nn.Module):
+    forward_calls = 0  # recomputes under activation checkpointing count too
+
     def __init__(self, width: int):
         super().__init__()
         self.qkv = torch.nn.Linear(width, 3 * width)
@@ -29,6 +31,7 @@ class ToyBlock(torch.nn.Module):
         self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(), torch.nn.Linear(2 * width, width))
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        ToyBlock.forward_calls += 1
         q, k, v = self.qkv(torch.cat([x, text], dim=1)).chunk(3, dim=-1)
         keys = torch.cat([torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), text_mask], dim=1)
         attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, :])
@@ -70,7 +73,7 @@ class ToyEncoders:
         return (self.patches @ patches).unflatten(-1, (h, w))
 
     def encode_captions(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
-        return [{"text": self.bytes[list(caption.encode()[:32])]} for caption in captions]
+        return [{"text": self.bytes[list(caption.encode()[:64])]} for caption in captions]
 
 
 def build_toy(folder: Path) -> None:
@@ -155,6 +158,7 @@ tiny: true
 dtype: float32
 checkpoint_dir: null
 width: 16
+refine_text: every_step
 """
 
 
@@ -218,11 +222,10 @@ def test_a_loop_encoder_runs_every_step_but_never_trains_nor_is_saved(toy_config
 
 @pytest.mark.parametrize("mode", ["true", "offload"])
 def test_activation_checkpointing_of_own_model_code_gives_the_same_gradients(toy_config, mode):
+    ToyBlock.forward_calls = 0
     plain = run(toy_config("adapter=none", run_name="plain")).module
-    checkpointed = run(toy_config("adapter=none", f"model.activation_checkpointing={mode}", run_name=mode)).module
+    plain_calls, ToyBlock.forward_calls = ToyBlock.forward_calls, 0
+    checkpointed = run(toy_config("adapter=none", f"+model.activation_checkpointing={mode}", run_name=mode)).module
+    assert ToyBlock.forward_calls == 2 * plain_calls, "every block should run again in backward"
     for (name, ours), theirs in zip(plain.denoiser.named_parameters(), checkpointed.denoiser.parameters()):
         torch.testing.assert_close(theirs, ours, msg=name)
-
-
-def untyped(value: Any) -> Any:
-    return value

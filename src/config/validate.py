@@ -27,7 +27,7 @@ OPTIMIZER_OPTIONS = ("gradient_release",)
 def validate(cfg: DictConfig) -> None:
     root = {k: v for k, v in cfg.items() if k not in GROUPS and k != "hydra"}
     _check_schema(RootConfig, OmegaConf.create(root), "")
-    _check_model(cfg.model, cfg.adapter)
+    model = _check_model(cfg.model, cfg.adapter)
     _check_schema(DatasetConfig, cfg.dataset, "dataset")
     _check_dataset_paths(cfg.dataset, "dataset")
     _check_video_keys(cfg.dataset, "dataset")
@@ -39,7 +39,7 @@ def validate(cfg: DictConfig) -> None:
         _check_callable_kwargs(cfg[group], group)
     if cfg.optimizer.get("gradient_release"):
         _check_gradient_release(cfg.trainer)
-    _check_block_swap(cfg.model.blocks_to_swap, cfg.adapter, cfg.trainer)
+    _check_block_swap(model.blocks_to_swap, cfg.adapter, cfg.trainer)
     if cfg.save_every_n_steps is None and cfg.save_every_n_epochs is None:
         raise ConfigError("Nothing would be exported: set save_every_n_steps or save_every_n_epochs.")
 
@@ -132,8 +132,9 @@ def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else str(key)
 
 
-def _check_model(model: DictConfig, adapter: DictConfig) -> None:
-    """The keys, types, choices and paths its family's constructor declares (family.py), then the shared rules."""
+def _check_model(model: DictConfig, adapter: DictConfig) -> DictConfig:
+    """The keys, types, choices and paths its family's constructor declares (family.py), then the shared rules.
+    Returns the model config with the constructor's defaults filled in."""
     keys = model_keys(model.get("_target_"))
     model = _check_schema(model_schema(keys), model, "model")
     for key in keys.values():
@@ -143,6 +144,7 @@ def _check_model(model: DictConfig, adapter: DictConfig) -> None:
     if model.get("transformer_dtype") is not None and adapter.type != "lora":
         raise ConfigError("model.transformer_dtype (fp8 storage) only works with a LoRA: a full fine-tune must "
                           "update every weight in full precision. Use adapter=lora or unset model.transformer_dtype.")
+    return model
 
 
 def _check_model_key(key: Key, model: DictConfig) -> None:
