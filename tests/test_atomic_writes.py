@@ -1,9 +1,13 @@
-"""A crash while writing never leaves a half-written file or folder where a good one was."""
+"""A crash while writing never leaves a half-written file or folder where a good one was; written files get the
+mode the umask gives new files."""
+import os
+import stat
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from src.utils.atomic import atomic_directory, save_safetensors
+from src.utils.atomic import atomic_directory, save_safetensors, write_text
 
 
 class Crash(Exception):
@@ -41,3 +45,19 @@ def test_failed_file_write_keeps_the_previous_file(tmp_path, monkeypatch):
         save_safetensors({"w": torch.zeros(2)}, path)
     assert torch.equal(load_file(path)["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["weights.safetensors"]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664)])
+def test_written_files_get_the_mode_the_umask_gives_new_files(tmp_path, umask, mode):
+    """safetensors creates its files 0600: ComfyUI running as another user could not read an export."""
+    previous = os.umask(umask)
+    try:
+        save_safetensors({"w": torch.ones(2)}, tmp_path / "lora.safetensors")
+        write_text(tmp_path / "config.yaml", "a: 1")
+        with atomic_directory(tmp_path / "export") as folder:
+            (folder / "lora.safetensors").touch(mode=0o600)  # as diffusers' save_lora_weights leaves it
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "lora.safetensors").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "config.yaml").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "export" / "lora.safetensors").stat().st_mode) == mode

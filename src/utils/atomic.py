@@ -1,6 +1,7 @@
 """Atomic writes: the destination either keeps its previous good content or gets the complete new one."""
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -9,29 +10,48 @@ from safetensors.torch import save_file
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling temp file, so os.replace is a rename within one filesystem. Not mkstemp: its 0600 mode
-    # would stick to the final file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with replacing(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt", **(metadata or {})})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_text(path: Path, text: str) -> None:
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Yields a sibling temp file to write (a rename within one filesystem is atomic); once written it gets the
+    mode any new file gets here (safetensors creates its files 0600, which another user's ComfyUI cannot read),
+    reaches the disk, then replaces `path`. On failure the temp file is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Makes a rename in `folder` durable."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 @contextmanager
@@ -47,6 +67,10 @@ def atomic_directory(path: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    file_mode = 0o666 & ~current_umask()  # what writers such as diffusers' (safetensors, 0600) did not give
+    for written in tmp.rglob("*"):
+        if written.is_file():
+            os.chmod(written, file_mode)
     old = path.with_name(f".{path.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
