@@ -6,7 +6,7 @@
     <root>/comfyui/qwen_2.5_vl_7b.safetensors     the Qwen2.5-VL text encoder in its original checkpoint names
 
 The VAE single file is the folder's own vae/diffusion_pytorch_model.safetensors. Sizes follow diffusers' Qwen-Image
-pipeline tests (in 16 = 4 latent channels x 2x2, text width 16, 2 blocks); the tokenizer is an offline byte-level
+pipeline tests (in 16 = 4 latent channels x 2x2, text width 16; 4 blocks, so block swap has some to move); the tokenizer is an offline byte-level
 BPE with Qwen2's special tokens, wired into the text encoder's config."""
 from pathlib import Path
 
@@ -31,7 +31,7 @@ SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", 
             "<|video_pad|>"]
 TEXT_WIDTH = 16
 LATENT_CHANNELS = 4
-TRANSFORMER_CONFIG = dict(patch_size=2, in_channels=4 * LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_layers=2,
+TRANSFORMER_CONFIG = dict(patch_size=2, in_channels=4 * LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_layers=4,
                           attention_head_dim=16, num_attention_heads=3, joint_attention_dim=TEXT_WIDTH,
                           guidance_embeds=False, axes_dims_rope=(8, 4, 4))
 
