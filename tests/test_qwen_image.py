@@ -44,23 +44,29 @@ def pipeline_transformer_inputs(module, prompt: str, **call) -> dict:
     return seen["inputs"]
 
 
-def control_pixels(tmp_path) -> torch.Tensor:
-    """A control image as the datamodule gives it: scaled and centre-cropped to the target's bucket, [1, 1, 3, H, W]."""
-    control_file = tmp_path / "control.png"
-    Image.open(next(CONTROL.iterdir())).convert("RGB").resize((48, 80)).save(control_file)
-    return load_image(control_file, (64, 64))[None, None]
+def control_pixels(tmp_path, count: int) -> torch.Tensor:
+    """Control images as the datamodule gives them: scaled and centre-cropped to the target's bucket,
+    [1, count, 3, H, W]."""
+    controls = []
+    for i, source in enumerate(sorted(CONTROL.iterdir())[:count]):
+        control_file = tmp_path / f"control{i}.png"
+        Image.open(source).convert("RGB").resize((48, 80)).save(control_file)
+        controls.append(load_image(control_file, (64, 64)))
+    return torch.stack(controls)[None]
 
 
+@pytest.mark.parametrize("model,references", [("qwen_image_edit", 1), ("qwen_image_edit_plus", 2)])
 @torch.no_grad()
-def test_edit_transformer_inputs_equal_the_pipelines(tmp_path):
-    module = qwen_module(tmp_path, "model=qwen_image_edit", *TINY, "dataset=edit_example")
-    controls = control_pixels(tmp_path)
-    fed = pipeline_transformer_inputs(module, PROMPT, image=to_pil(controls[0, 0]))
+def test_edit_transformer_inputs_equal_the_pipelines(tmp_path, model, references):
+    module = qwen_module(tmp_path, f"model={model}", *TINY, "dataset=edit_example")
+    controls = control_pixels(tmp_path, references)
+    images = [to_pil(control) for control in controls[0]]
+    fed = pipeline_transformer_inputs(module, PROMPT, image=images if references > 1 else images[0])
 
     encoders = module.load_cache_encoders()
     encoded = encoders.encode_images(torch.zeros(1, 3, 64, 64), controls=controls)
     text = encoders.encode_captions([PROMPT], images=[controls[0]])[0]
-    assert encoded["control_latents"].shape == (1, 1, 4, 16, 16)  # the tiny VAE's factor is 4
+    assert encoded["control_latents"].shape == (1, references, 4, 16, 16)  # the tiny VAE's factor is 4
     ours = recorder(module.denoiser)
     module.predict(torch.randn(1, 4, 16, 16), torch.tensor([0.5]), {"prompt_embeds": text["prompt_embeds"][None]},
                    cond={"control_latents": encoded["control_latents"]})
@@ -69,7 +75,7 @@ def test_edit_transformer_inputs_equal_the_pipelines(tmp_path):
     count = 64  # the target's 8 x 8 tokens come first
     torch.testing.assert_close(ours["hidden_states"][:, count:], fed["hidden_states"][:, count:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours["encoder_hidden_states"], fed["encoder_hidden_states"], rtol=1e-5, atol=1e-5)
-    assert ours["img_shapes"] == [list(shape) for shape in fed["img_shapes"]] == [[(1, 8, 8), (1, 8, 8)]]
+    assert ours["img_shapes"] == [list(shape) for shape in fed["img_shapes"]] == [[(1, 8, 8)] * (1 + references)]
     plain = encoders.encode_captions([PROMPT])[0]["prompt_embeds"]
     assert plain.shape != text["prompt_embeds"].shape or not torch.allclose(plain, text["prompt_embeds"]), \
         "the control image did not reach the text encoder"
