@@ -2,6 +2,8 @@
 full fine-tune, fp8, resume, previews): the transformer gets what diffusers' pipelines feed it (text through the
 pipelines' own template, unpadded and masked per batch; Edit: control tokens, img_shapes and the VL encoder's view
 of the control), the single-file layouts load, the refused ones are refused clearly, and the 24 GB recipe trains."""
+import shutil
+
 import pytest
 import torch
 from PIL import Image
@@ -110,6 +112,22 @@ def test_comfyui_single_files_load_as_the_folder(tmp_path):
         assert expected.keys() == actual.keys() and all(torch.equal(actual[k], v) for k, v in expected.items()), load
     expected, actual = folder_module.denoiser.state_dict(), files.denoiser.state_dict()
     assert expected.keys() == actual.keys() and all(torch.equal(actual[k], v) for k, v in expected.items())
+
+
+@torch.no_grad()
+def test_edit_from_a_qwen_image_folder_and_the_edit_single_file(tmp_path):
+    """A Qwen-Image folder has no processor/: the Edit model builds Qwen2.5-VL's own from the tokenizer."""
+    tiny = qwen_module(tmp_path, "model=qwen_image_edit", *TINY, "dataset=edit_example")
+    folder = tmp_path / "Qwen-Image"
+    shutil.copytree(tiny.model_dir, folder, ignore=shutil.ignore_patterns("processor", "comfyui"))
+    module = qwen_module(tmp_path, "model=qwen_image_edit", *TINY, "model.tiny=false", f"model.diffusers_path={folder}",
+                         f"model.transformer_path={tiny.model_dir / tiny_qwen.COMFY_TRANSFORMER}")
+    controls = control_pixels(tmp_path, 1)
+    expected = tiny.load_cache_encoders().encode_captions([PROMPT], images=[controls[0]])[0]["prompt_embeds"]
+    actual = module.load_cache_encoders().encode_captions([PROMPT], images=[controls[0]])[0]["prompt_embeds"]
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(module.denoiser.state_dict().values(),
+                                                 tiny.denoiser.state_dict().values()))
 
 
 def test_comfyui_vae_and_fp8_scaled_files_are_refused(tmp_path):

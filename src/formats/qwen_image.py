@@ -20,16 +20,9 @@ from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 from safetensors.torch import load_file
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from . import single_file
 from .keymap import require_consumed
-from .single_file import (
-    NATIVE_PREFIX,
-    StateDict,
-    build_with_weights,
-    read_state_dict,
-    refuse_fp8_scaled,
-    save_native,
-    strip_comfy_prefix,
-)
+from .single_file import NATIVE_PREFIX, StateDict, build_with_weights
 
 CHECKPOINT_PREFIX = "model." + NATIVE_PREFIX
 # Original Qwen2.5-VL checkpoint names (ComfyUI's file) -> transformers 5 module names.
@@ -41,14 +34,14 @@ COMFY_VAE_MARKERS = ("encoder.conv1.weight", "encoder.downsamples.0.residual.0.g
 
 def load_transformer(path: str | Path, config: Mapping, dtype: torch.dtype) -> QwenImageTransformer2DModel:
     """A Qwen-Image (Edit) transformer single file: ComfyUI's `model.diffusion_model.` layout or bare keys."""
-    state = strip_comfy_prefix(read_state_dict(path))
-    refuse_fp8_scaled(state, path)
+    state = single_file.strip_comfy_prefix(single_file.read_state_dict(path))
+    single_file.refuse_fp8_scaled(state, path)
     return build_with_weights(QwenImageTransformer2DModel, config, state, dtype, path, "a Qwen-Image transformer")
 
 
 def save_transformer(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
     """diffusers transformer weights as ComfyUI's single file (`model.diffusion_model.<name>`), atomically."""
-    save_native({CHECKPOINT_PREFIX + key: tensor for key, tensor in state_dict.items()}, path)
+    single_file.save_native({CHECKPOINT_PREFIX + key: tensor for key, tensor in state_dict.items()}, path)
 
 
 def lora_to_comfyui(lora_state_dict: Mapping[str, torch.Tensor]) -> StateDict:
@@ -72,15 +65,14 @@ def load_text_encoder(path: str | Path, config: Qwen2_5_VLConfig,
     """Qwen2.5-VL from one file in the original names (ComfyUI's `qwen_2.5_vl_7b.safetensors`); `config` from the
     diffusers folder's text_encoder/. A file without the LM head (unused: the encoder gives hidden states) gets
     the token embedding in its place."""
-    original = read_state_dict(path)
-    refuse_fp8_scaled(original, path)
+    original = single_file.read_state_dict(path)
+    single_file.refuse_fp8_scaled(original, path)
     state = _renamed(original, PREFIXES, str(path))
     state.setdefault(LM_HEAD, state.get("model.language_model.embed_tokens.weight"))
     if state[LM_HEAD] is None:
         raise ValueError(f"{path} is not a Qwen2.5-VL text encoder: it has no model.embed_tokens.weight")
-    model = build_with_weights(Qwen2_5_VLForConditionalGeneration, config, state, dtype, path,
-                               "a Qwen2.5-VL text encoder")
-    return model
+    return build_with_weights(Qwen2_5_VLForConditionalGeneration, config, state, dtype, path,
+                              "a Qwen2.5-VL text encoder")
 
 
 def load_vae(path: str | Path, config: Mapping, dtype: torch.dtype) -> AutoencoderKLQwenImage:

@@ -147,9 +147,8 @@ class QwenImageModule(DiffusionModule):
                  max_sequence_length: int = 512, **common):
         super().__init__(**common)
         self.diffusers_path = diffusers_path
-        self.transformer_path = transformer_path
-        self.text_encoder_path = text_encoder_path
-        self.vae_path = vae_path
+        # A part's single file replaces the folder's weights of it (the folder still gives its config).
+        self.part_files = {"transformer": transformer_path, "text_encoder": text_encoder_path, "vae": vae_path}
         self.max_sequence_length = max_sequence_length
 
     # --- files
@@ -157,25 +156,21 @@ class QwenImageModule(DiffusionModule):
     def model_dir(self) -> Path:
         return tiny_model_dir("qwen_image", tiny_qwen.build) if self.tiny else Path(self.diffusers_path)
 
-    @property
-    def vae_source(self) -> Path:
-        return Path(self.vae_path) if self.vae_path else self.model_dir / "vae"
-
-    @property
-    def text_encoder_source(self) -> Path:
-        return Path(self.text_encoder_path) if self.text_encoder_path else self.model_dir / "text_encoder"
+    def weights_source(self, part: str) -> Path:
+        """The part's single file, or its subfolder of the Diffusers folder."""
+        return Path(self.part_files[part]) if self.part_files[part] else self.model_dir / part
 
     def load_vae(self) -> AutoencoderKLQwenImage:
-        if self.vae_path:
+        if self.part_files["vae"]:
             config = AutoencoderKLQwenImage.load_config(self.model_dir, subfolder="vae")
-            return formats.load_vae(self.vae_path, config, self.compute_dtype)
+            return formats.load_vae(self.part_files["vae"], config, self.compute_dtype)
         return AutoencoderKLQwenImage.from_pretrained(self.model_dir, subfolder="vae", dtype=self.compute_dtype,
                                                       local_files_only=True)
 
     def load_text_encoder(self) -> Qwen2_5_VLForConditionalGeneration:
-        if self.text_encoder_path:
+        if self.part_files["text_encoder"]:
             config = Qwen2_5_VLConfig.from_pretrained(self.model_dir / "text_encoder")
-            return formats.load_text_encoder(self.text_encoder_path, config, self.compute_dtype)
+            return formats.load_text_encoder(self.part_files["text_encoder"], config, self.compute_dtype)
         return Qwen2_5_VLForConditionalGeneration.from_pretrained(self.model_dir, subfolder="text_encoder",
                                                                   dtype=self.compute_dtype, local_files_only=True)
 
@@ -187,18 +182,18 @@ class QwenImageModule(DiffusionModule):
 
     # --- caching
     def cache_fingerprints(self) -> tuple[str, str]:
-        text = fingerprint_files(self.text_encoder_source, self.model_dir / "tokenizer",
+        text = fingerprint_files(self.weights_source("text_encoder"), self.model_dir / "tokenizer",
                                  extra=f"{self.cache_name}:{self.max_sequence_length}")
-        return fingerprint_files(self.vae_source, extra="qwen_image"), text
+        return fingerprint_files(self.weights_source("vae"), extra="qwen_image"), text
 
     def load_cache_encoders(self) -> QwenImageEncoders:
         return QwenImageEncoders(QwenImagePipeline(**self.pipeline_parts(None)), self.max_sequence_length)
 
     # --- training
     def load_denoiser(self) -> QwenImageTransformer2DModel:
-        if self.transformer_path:
+        if self.part_files["transformer"]:
             config = QwenImageTransformer2DModel.load_config(self.model_dir, subfolder="transformer")
-            return formats.load_transformer(self.transformer_path, config, self.compute_dtype)
+            return formats.load_transformer(self.part_files["transformer"], config, self.compute_dtype)
         return QwenImageTransformer2DModel.from_pretrained(self.model_dir, subfolder="transformer",
                                                            dtype=self.compute_dtype, local_files_only=True)
 
