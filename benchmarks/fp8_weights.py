@@ -2,8 +2,9 @@
 FluxModule.configure_model (LoRA added, then diffusers layerwise casting skipping keep_in_high_precision and
 lora_). LoRA weights are excluded: they are trainable and stay float32 either way.
 
-Two models: the tiny test Flux (the real on-disk folder and load path) and FLUX.1-dev's architecture built on the
-meta device (real shapes and dtypes, no memory, no weights needed). See benchmarks/README.md."""
+Models: the tiny test Flux (the real on-disk folder and load path), and FLUX.1-dev's and Qwen-Image's (20B)
+architectures built on the meta device by their family modules (real shapes and dtypes, no memory, no weights
+needed). See benchmarks/README.md."""
 import argparse
 import re
 import tempfile
@@ -13,9 +14,10 @@ from pathlib import Path
 from _common import compose_config, instantiate_module, print_table, quiet, verdict
 
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 
 from src.modules.flux import FluxModule
+from src.modules.qwen_image import QwenImageModule
 
 TARGET_RATIO = 0.55
 # diffusers' FluxTransformer2DModel defaults are FLUX.1-dev's shapes, except that dev has a guidance embedding.
@@ -30,9 +32,19 @@ class MetaFlux1DevModule(FluxModule):
             return FluxTransformer2DModel(**FLUX1_DEV).to(self.compute_dtype)
 
 
+class MetaQwenImageModule(QwenImageModule):
+    """QwenImageModule whose denoiser is Qwen-Image's architecture (diffusers' defaults: 60 blocks, 24 x 128 heads,
+    text width 3584) on the meta device."""
+
+    def load_denoiser(self) -> QwenImageTransformer2DModel:
+        with torch.device("meta"):
+            return QwenImageTransformer2DModel().to(self.compute_dtype)
+
+
 MODELS = {  # name -> (model config group, module class override or None)
     "tiny": ("flux_tiny", None),
     "flux1-dev": ("flux", f"{__name__}.{MetaFlux1DevModule.__name__}"),
+    "qwen-image": ("qwen_image", f"{__name__}.{MetaQwenImageModule.__name__}"),
 }
 
 

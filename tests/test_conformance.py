@@ -48,6 +48,15 @@ FAMILIES = {
     # diffusers' Flux/Chroma LoRA converters take no ComfyUI-format Chroma file (and hard-code full sizes)
     "chroma": Family(("model=chroma", *TINY_FLOAT32, "model.max_sequence_length=64", "dataset.resolutions=[64]"),
                      "adapter_model.safetensors", ("transformer_path", "chroma.safetensors"), consumer="our_reader"),
+    "qwen_image": Family(("model=qwen_image", *TINY_FLOAT32, "dataset.resolutions=[64]"), "adapter_model.safetensors",
+                         ("transformer_path", "qwen_image_bf16.safetensors")),
+    "qwen_image_edit": Family(("model=qwen_image_edit", *TINY_FLOAT32, "dataset=edit_example"),
+                              "adapter_model.safetensors", ("transformer_path", "qwen_image_bf16.safetensors"), edit=True),
+    "qwen_image_edit_plus": Family(("model=qwen_image_edit_plus", *TINY_FLOAT32, "dataset=edit_example",
+                                    "dataset.control_path=null", "dataset.control_paths=[{0},{0}]".format(
+                                        Path(__file__).parents[1] / "data/examples/edit/control")),
+                                   "adapter_model.safetensors", ("transformer_path", "qwen_image_bf16.safetensors"),
+                                   edit=True),
 }
 FP8_STORED_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)  # layerwise casting's
 LORA = ("adapter.rank=4", "adapter.alpha=8", "optimizer.lr=1e-2", "scheduler=cosine", "scheduler.warmup_steps=1",
