@@ -44,9 +44,11 @@ def sample(cfg: DictConfig) -> list[Path]:
 
 
 def sample_requests(cfg: DictConfig) -> list[SampleRequest]:
-    entries = read_prompts(cfg.prompt, "prompt")
+    entries = [cfg.prompt] if isinstance(cfg.prompt, str) else read_prompts(cfg.prompt, "prompt")
+    entries += read_prompts(cfg.prompt_file, "prompt_file")
     if not entries:
-        raise ConfigError("prompt is empty: give a prompt (prompt=\"a cat\"), a list, or a text file.")
+        raise ConfigError("Nothing to render: give a prompt (prompt=\"a cat\"), a list of them, or a text file with one "
+                          "prompt per line (prompt_file=prompts.txt).")
     defaults = dict(seed=cfg.seed, width=cfg.width, height=cfg.height, frames=cfg.frames, image=cfg.image)
     return [make_request(entry, defaults, f"prompt[{i}]" if len(entries) > 1 else "prompt")
             for i, entry in enumerate(entries)]
