@@ -1,13 +1,17 @@
 """Previews during training (sample_* keys, src/callbacks/previews.py) and the sample command (scripts/sample.py),
 on tiny models: a run with previews trains exactly what a run without does; the sample command, given the exported
 LoRA, renders the preview of the same step again."""
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import torch
+import wandb
 from hydra import compose, initialize_config_dir
 from lightning import Callback
 from PIL import Image
@@ -28,7 +32,8 @@ FAMILIES = {  # a tiny run of the family, and its LoRA file in an export folder
     "wan": (WAN, "adapter_model.safetensors"),
 }
 TRAINING = ("adapter.rank=4", "optimizer.lr=1e-2", "trainer.max_steps=2", "checkpoint_every_n_steps=null")
-PREVIEWS = ("sample_prompts=[a red square]", "sample_every_n_steps=2", "sample_steps=2", "logger=tensorboard")
+PREVIEWS = ("sample_prompts=[a red square]", "sample_every_n_steps=2", "sample_steps=2")
+LOGGERS = ("logger=[tensorboard,wandb]", "logger.wandb.offline=true")
 RECORDER = f"+callbacks.recorder={{_target_:{__name__}.Recorder}}"
 
 
@@ -59,7 +64,8 @@ def preview_run(tmp_path_factory):
         if name not in runs:
             overrides, _ = FAMILIES[name]
             folder = tmp_path_factory.mktemp(name)
-            runs[name] = run(compose_config(folder / "run", *overrides, *TRAINING, *PREVIEWS))
+            runs[name] = run(compose_config(folder / "run", *overrides, *TRAINING, *PREVIEWS, *LOGGERS))
+            wandb.finish()  # the next run gets a W&B run of its own
         return runs[name]
     return get
 
@@ -101,7 +107,7 @@ def test_previews_leave_training_unchanged(tmp_path):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_preview_goes_to_the_run_folder_and_tensorboard(name, preview_run):
+def test_preview_goes_to_the_run_folder_tensorboard_and_wandb(name, preview_run):
     result = preview_run(name)
     run_dir = result.final_export.parents[1]
     files = list((run_dir / "samples" / "2").iterdir())
@@ -112,7 +118,23 @@ def test_preview_goes_to_the_run_folder_and_tensorboard(name, preview_run):
         assert media.shape[0] == 5  # the largest frame bucket
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
-    assert [image.step for image in events.Images("samples/0")] == [2]
+    assert [image.step for image in events.Images("samples/0")] == [2]  # videos as animated GIFs
+    kind = "videos" if name == "wan" else "images"
+    assert len(list(run_dir.glob(f"wandb/offline-run-*/files/media/{kind}/samples/0_*"))) == 1
+
+
+def test_two_process_ddp_renders_once_without_hanging(tmp_path):
+    """Rank 0 renders while rank 1 waits at the barrier, at the start and after each step."""
+    result = subprocess.run(
+        [sys.executable, "train.py", "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu",
+         "trainer.max_steps=2", "dataset.resolutions=[64]", "logger=none", f"hydra.run.dir={tmp_path / 'run'}",
+         f"dataset.cache_dir={tmp_path / 'cache'}", "sample_prompts=[a red square,a blue circle]",
+         "sample_every_n_steps=1", "sample_before_first_step=true", "sample_steps=2"],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = tmp_path / "run" / "samples"
+    assert {step.name: sorted(f.name for f in step.iterdir()) for step in samples.iterdir()} == {
+        step: ["0.png", "1.png"] for step in ("0", "1", "2")}
 
 
 @pytest.mark.parametrize("name", FAMILIES)
