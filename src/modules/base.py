@@ -162,16 +162,16 @@ class DiffusionModule(LightningModule, ABC):
         noise on every device), numpy output, and `guidance` as its guidance_scale when given."""
         if guidance is not None:
             inputs["guidance_scale"] = guidance
-        pipeline = pipeline or self.inference_pipeline()
+        pipeline = self.inference_pipeline() if pipeline is None else pipeline
         return pipeline(generator=torch.Generator().manual_seed(seed), output_type="np", **inputs)
 
-    def load_exported_lora(self, path: Path, pipeline: Any = None) -> None:
+    def load_exported_lora(self, path: Path) -> None:
         """Load a LoRA file this family exported into its (adapter-free) parts, as the file's consumer does:
-        diffusers' own loader through the family's pipeline (`pipeline`, or a new inference_pipeline()), or, for
-        a format diffusers cannot read (the family has a `read_exported_lora`), our reader and diffusers' adapter
-        loading into the denoiser."""
+        diffusers' own loader through the family's pipeline (whose models are the module's parts), or, for a format
+        diffusers cannot read (the family has a `read_exported_lora`), our reader and diffusers' adapter loading
+        into the denoiser."""
         if type(self).read_exported_lora is DiffusionModule.read_exported_lora:
-            (pipeline or self.inference_pipeline()).load_lora_weights(path)
+            self.inference_pipeline().load_lora_weights(path)
         else:
             self.denoiser.load_lora_adapter(self.read_exported_lora(path), prefix=None)
 
