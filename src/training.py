@@ -28,6 +28,7 @@ def run(cfg: DictConfig) -> TrainingRun:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from src.callbacks.export import ExportCallback
+    from src.callbacks.previews import PreviewCallback
     from src.utils.checkpoint_io import AtomicCheckpointIO
 
     L.seed_everything(cfg.seed, workers=True)
@@ -41,7 +42,8 @@ def run(cfg: DictConfig) -> TrainingRun:
     exporter = ExportCallback(str(run_dir), resolved, cfg.save_every_n_steps, cfg.save_every_n_epochs, cfg.save_dtype)
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps,
                                   save_last=True, save_top_k=1)
-    callbacks = [exporter, checkpoints, *(instantiate(c) for c in cfg.callbacks.values())]
+    callbacks = [exporter, checkpoints, PreviewCallback.from_config(cfg),
+                 *(instantiate(c) for c in cfg.callbacks.values())]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
                           **_eval_schedule(cfg))

@@ -8,7 +8,6 @@ seed offers them: a full fine-tune whose export loads back through the family's 
 and an fp8 base that keeps the LoRA and the family's keep-list in high precision."""
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -19,8 +18,9 @@ from safetensors.torch import load_file
 
 from src.modules.base import DiffusionModule
 from src.training import build_module, run
-from tests.conftest import compose_config
+from tests.conftest import ROOT, compose_config
 
+EDIT_CONTROLS = ROOT / "data" / "examples" / "edit" / "control"
 TINY_FLOAT32 = ("model.tiny=true", "model.dtype=float32")
 WAN = ("model=wan21_t2v", *TINY_FLOAT32, "model.max_sequence_length=16", "dataset=videos", "dataset.resolutions=[32]",
        "dataset.frame_buckets=[1,5]")
@@ -33,7 +33,6 @@ class Family:
     full_export: Optional[tuple[str, str]] = None  # (model key that loads it, file in the export); None: no FFT
     fp8: bool = True
     edit: bool = False  # trains with control images: the preview edits one
-    consumer: str = "diffusers"  # how the LoRA is loaded: the pipeline's load_lora_weights, or "our_reader"
 
 
 FAMILIES = {
@@ -45,16 +44,16 @@ FAMILIES = {
     "sdxl": Family(("model=sdxl_tiny", "dataset.resolutions=[64]"), "lora.safetensors",
                    ("checkpoint_path", "model.safetensors"), fp8=False),
     "wan": Family(WAN, "adapter_model.safetensors", ("transformer_path", "transformer_comfyui.safetensors")),
-    # diffusers' Flux/Chroma LoRA converters take no ComfyUI-format Chroma file (and hard-code full sizes)
+    # diffusers' Flux/Chroma LoRA converters take no ComfyUI-format Chroma file (and hard-code full sizes): loaded
+    # through the family's reader (load_exported_lora)
     "chroma": Family(("model=chroma", *TINY_FLOAT32, "model.max_sequence_length=64", "dataset.resolutions=[64]"),
-                     "adapter_model.safetensors", ("transformer_path", "chroma.safetensors"), consumer="our_reader"),
+                     "adapter_model.safetensors", ("transformer_path", "chroma.safetensors")),
     "qwen_image": Family(("model=qwen_image", *TINY_FLOAT32, "dataset.resolutions=[64]"), "adapter_model.safetensors",
                          ("transformer_path", "qwen_image_bf16.safetensors")),
     "qwen_image_edit": Family(("model=qwen_image_edit", *TINY_FLOAT32, "dataset=edit_example"),
                               "adapter_model.safetensors", ("transformer_path", "qwen_image_bf16.safetensors"), edit=True),
     "qwen_image_edit_plus": Family(("model=qwen_image_edit_plus", *TINY_FLOAT32, "dataset=edit_example",
-                                    "dataset.control_path=null", "dataset.control_paths=[{0},{0}]".format(
-                                        Path(__file__).parents[1] / "data/examples/edit/control")),
+                                    "dataset.control_path=null", f"dataset.control_paths=[{EDIT_CONTROLS},{EDIT_CONTROLS}]"),
                                    "adapter_model.safetensors", ("transformer_path", "qwen_image_bf16.safetensors"),
                                    edit=True),
 }
@@ -98,15 +97,6 @@ def lora_modules(module: DiffusionModule) -> dict[str, int]:
     return {part: sum(hasattr(m, "lora_A") for m in model.modules()) for part, model in module.model_parts().items()}
 
 
-def load_lora(module: DiffusionModule, file: Path, consumer: str) -> None:
-    """Into the untrained module's parts, by the consumer: diffusers' own loader through the family's pipeline,
-    or the family's reader of its format (verified against the format spec) and diffusers' adapter loading."""
-    if consumer == "diffusers":
-        module.inference_pipeline().load_lora_weights(file)
-    else:
-        module.denoiser.load_lora_adapter(module.read_exported_lora(file), prefix=None)
-
-
 @pytest.mark.parametrize("name", families())
 def test_lora_export_loads_in_its_consumer_and_reproduces_our_output(name, lora_run, tmp_path):
     trained = lora_run(name)
@@ -115,7 +105,7 @@ def test_lora_export_loads_in_its_consumer_and_reproduces_our_output(name, lora_
     consumer = untrained_module(name, tmp_path)
     base_output = prediction(consumer, batch)
 
-    load_lora(consumer, trained.final_export / FAMILIES[name].lora_file, FAMILIES[name].consumer)
+    consumer.load_exported_lora(trained.final_export / FAMILIES[name].lora_file)
     assert lora_modules(consumer) == lora_modules(ours), "the consumer loaded another set of LoRA modules"
     our_output = prediction(ours, batch)
     assert not torch.allclose(our_output, base_output, atol=1e-4), "the LoRA changed nothing"

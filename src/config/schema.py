@@ -80,6 +80,14 @@ class RootConfig:
     eval_every_n_steps: Optional[int] = None
     eval_every_n_epochs: Optional[int] = None
     eval_before_first_step: bool = True
+    # Previews (src/config/samples.py reads the prompts)
+    sample_prompts: Any = field(default_factory=list)  # a list of prompts / {prompt, seed, ...}, or a text file
+    sample_every_n_steps: Optional[int] = None
+    sample_every_n_epochs: Optional[int] = None
+    sample_before_first_step: bool = False
+    sample_steps: int = 20
+    sample_guidance: Optional[float] = None
+    sample_size: Any = None  # a side length or [width, height]; null: the first dataset resolution
 
 
 GROUPS = ("model", "dataset", "adapter", "optimizer", "scheduler", "trainer", "logger", "experiment")

@@ -14,9 +14,10 @@ from omegaconf.errors import ValidationError
 from .errors import ConfigError
 from .family import Key, choices, marker, model_keys, model_schema
 from .keys import Choices, ModelPath
+from .samples import sample_requests
 from .schema import GROUPS, VIDEO_CLIP_MODES, AdapterConfig, DatasetConfig, RootConfig
 
-__all__ = ["ConfigError", "validate"]
+__all__ = ["ConfigError", "validate", "validate_model"]
 
 # Arguments of optimizer / scheduler targets that the trainer passes itself, never the config.
 SUPPLIED_BY_TRAINER = {"optimizer": ("params",), "scheduler": ("optimizer", "total_steps")}
@@ -42,6 +43,12 @@ def validate(cfg: DictConfig) -> None:
     _check_block_swap(model.blocks_to_swap, cfg.adapter, cfg.trainer)
     if cfg.save_every_n_steps is None and cfg.save_every_n_epochs is None:
         raise ConfigError("Nothing would be exported: set save_every_n_steps or save_every_n_epochs.")
+    sample_requests(cfg)
+
+
+def validate_model(model: DictConfig, adapter_type: str = "none") -> None:
+    """The model group alone, for commands that compose no dataset or trainer (scripts/sample.py)."""
+    _check_model(model, OmegaConf.create({"type": adapter_type}))
 
 
 def _check_gradient_release(trainer: DictConfig) -> None:

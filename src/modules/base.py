@@ -149,12 +149,31 @@ class DiffusionModule(LightningModule, ABC):
                 component.to(self.device)
         return pipeline
 
-    def render(self, prompt: str, width: int, height: int, steps: int, seed: int, **family_inputs: Any) -> Any:
+    def render(self, prompt: str, width: int, height: int, steps: int, seed: int, guidance: Optional[float] = None,
+               pipeline: Any = None, **family_inputs: Any) -> Any:
         """Images (numpy, [N, H, W, 3] in [0, 1]) for `prompt` from `inference_pipeline()`; a family whose
-        pipeline takes other inputs (frames, a control image) adds them here."""
-        generator = torch.Generator().manual_seed(seed)
-        return self.inference_pipeline()(prompt=prompt, width=width, height=height, num_inference_steps=steps,
-                                          generator=generator, output_type="np", **family_inputs).images
+        pipeline takes other inputs (frames, a control image) adds them here. `guidance`: the pipeline's
+        guidance_scale (None: its default); `pipeline`: one from inference_pipeline() to reuse across calls."""
+        return self.call_pipeline(pipeline, seed, guidance, prompt=prompt, width=width, height=height,
+                                  num_inference_steps=steps, **family_inputs).images
+
+    def call_pipeline(self, pipeline: Any, seed: int, guidance: Optional[float], **inputs: Any) -> Any:
+        """`pipeline` (or a new inference_pipeline()) called with a CPU generator seeded with `seed` (the same
+        noise on every device), numpy output, and `guidance` as its guidance_scale when given."""
+        if guidance is not None:
+            inputs["guidance_scale"] = guidance
+        pipeline = self.inference_pipeline() if pipeline is None else pipeline
+        return pipeline(generator=torch.Generator().manual_seed(seed), output_type="np", **inputs)
+
+    def load_exported_lora(self, path: Path) -> None:
+        """Load a LoRA file this family exported into its (adapter-free) parts, as the file's consumer does:
+        diffusers' own loader through the family's pipeline (whose models are the module's parts), or, for a format
+        diffusers cannot read (the family has a `read_exported_lora`), our reader and diffusers' adapter loading
+        into the denoiser."""
+        if type(self).read_exported_lora is DiffusionModule.read_exported_lora:
+            self.inference_pipeline().load_lora_weights(path)
+        else:
+            self.denoiser.load_lora_adapter(self.read_exported_lora(path), prefix=None)
 
     def load_loop_encoders(self) -> dict[str, torch.nn.Module]:
         """Frozen encoders that run at every step instead of being cached (HiDream's Llama), by name. They never

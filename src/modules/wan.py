@@ -19,7 +19,7 @@ LoRAs export in ComfyUI format (`diffusion_model.blocks.N.self_attn.q.lora_A.wei
 ComfyUI-layout single file plus the diffusers config that lets `from_single_file` read it offline."""
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import numpy as np
 import torch
@@ -221,13 +221,11 @@ class WanModule(DiffusionModule):
             return self.place_pipeline(WanImageToVideoPipeline(**parts, **self._image_encoder()))
         return self.place_pipeline(WanPipeline(**parts))
 
-    def render(self, prompt: str, width: int, height: int, steps: int, seed: int, frames: int = 1,
-               **family_inputs) -> np.ndarray:
+    def render(self, prompt: str, width: int, height: int, steps: int, seed: int, guidance: Optional[float] = None,
+               pipeline: Any = None, frames: int = 1, **family_inputs) -> np.ndarray:
         """Video frames [N, F, H, W, 3] in [0, 1]; image-to-video variants take the first frame as `image`."""
-        generator = torch.Generator().manual_seed(seed)
-        return self.inference_pipeline()(prompt=prompt, width=width, height=height, num_frames=frames,
-                                          num_inference_steps=steps, generator=generator, output_type="np",
-                                          **family_inputs).frames
+        return self.call_pipeline(pipeline, seed, guidance, prompt=prompt, width=width, height=height,
+                                  num_frames=frames, num_inference_steps=steps, **family_inputs).frames
 
     # --- training
     def load_denoiser(self) -> WanTransformer3DModel:
