@@ -38,7 +38,8 @@ def run(cfg: DictConfig) -> TrainingRun:
 
     datamodule = instantiate(cfg.dataset, eval_datasets=cfg.eval_datasets, seed=cfg.seed, _convert_="all")
     module = build_module(cfg, datamodule.eval_names)
-    exporter = ExportCallback(str(run_dir), resolved, cfg.save_every_n_steps, cfg.save_every_n_epochs, cfg.save_dtype)
+    exporter = ExportCallback(str(run_dir), resolved, cfg.save_every_n_steps, cfg.save_every_n_epochs, cfg.save_dtype,
+                              cfg.export_name, cfg.export_layout, cfg.keep_last_n_exports)
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps,
                                   save_last=True, save_top_k=1)
     callbacks = [exporter, checkpoints, *(instantiate(c) for c in cfg.callbacks.values())]

@@ -74,6 +74,9 @@ class RootConfig:
     save_every_n_steps: Optional[int] = None
     save_every_n_epochs: Optional[int] = None
     save_dtype: Optional[str] = None
+    export_name: Optional[str] = None
+    export_layout: str = "both"
+    keep_last_n_exports: Optional[int] = None
     checkpoint_every_n_steps: Optional[int] = None
     callbacks: dict[str, Any] = field(default_factory=dict)
     eval_datasets: list[EvalDatasetConfig] = field(default_factory=list)
@@ -84,3 +87,4 @@ class RootConfig:
 
 GROUPS = ("model", "dataset", "adapter", "optimizer", "scheduler", "trainer", "logger", "experiment")
 VIDEO_CLIP_MODES = ("single_beginning", "single_middle", "multiple_overlapping")
+EXPORT_LAYOUTS = ("folders", "flat", "both")

@@ -57,6 +57,9 @@ class ChromaModule(FluxBase):
             return tiny_model_dir("chroma", tiny_chroma.build) / tiny_chroma.TRANSFORMER_FILE
         return Path(self.transformer_path)
 
+    def base_model(self) -> str:
+        return str(self.transformer_file)
+
     # --- caching
     def cache_fingerprints(self) -> tuple[str, str]:
         root = self.model_dir
@@ -99,7 +102,7 @@ class ChromaModule(FluxBase):
 
     # --- export
     def export_lora(self, lora_state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
-        save_safetensors(formats.lora_to_comfyui(lora_state_dict), out_dir / LORA_FILE)
+        save_safetensors(formats.lora_to_comfyui(lora_state_dict), out_dir / LORA_FILE, self.lora_metadata())
 
     def read_exported_lora(self, path: Path) -> dict[str, torch.Tensor]:
         return formats.lora_from_comfyui(load_file(path))

@@ -195,14 +195,26 @@ class SDXLModule(DiffusionModule):
     # --- export
     def export_lora(self, lora_state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         tensors = kohya_lora(lora_state_dict, self.lora_alpha, self.denoiser.config)
-        save_safetensors(tensors, out_dir / LORA_FILE, kohya_metadata(self.run_facts()))
+        save_safetensors(tensors, out_dir / LORA_FILE,
+                         {**kohya_metadata(self.run_facts(), self.trained_resolution), **self.lora_metadata()})
 
     def export_full(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         parts = split_parts(state_dict)
         tensors = original_checkpoint(parts["denoiser"], self.denoiser.config, parts["text_encoder_1"],
                                       parts["text_encoder_2"], untrained_tensors(self.checkpoint))
         save_original_checkpoint(tensors, out_dir / CHECKPOINT_FILE,
-                                 checkpoint_metadata(f"{self.checkpoint.stem} fine-tune", self.v_pred))
+                                 checkpoint_metadata(f"{self.checkpoint.stem} fine-tune", self.v_pred,
+                                                     self.trained_resolution))
+
+    def base_model(self) -> str:
+        return str(self.checkpoint)
+
+    @property
+    def trained_resolution(self) -> str:
+        """kohya's `WxH` of the run: its most used bucket size (SDXL's native 1024x1024 before any data)."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        sizes = datamodule.trained_sizes() if datamodule else []
+        return sizes[0] if sizes else "1024x1024"
 
     def run_facts(self) -> dict[str, Any]:
         """What kohya records about a run (its ss_* metadata), from this run."""
@@ -218,4 +230,5 @@ class SDXLModule(DiffusionModule):
                 "seed": self.seed, "mixed_precision": str(self.compute_dtype).removeprefix("torch."),
                 "v_parameterization": self.v_pred, "min_snr_gamma": schedule.min_snr_gamma,
                 "debiased_estimation": schedule.debiased_estimation_loss, "sd_model_name": self.checkpoint.name,
-                "output_name": "lora", "training_finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "output_name": "lora", "resolution": "({}, {})".format(*self.trained_resolution.split("x")),
+                "num_train_images": trainer.datamodule.num_items if trainer and trainer.datamodule else 0, "training_finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}

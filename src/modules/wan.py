@@ -188,6 +188,13 @@ class WanModule(DiffusionModule):
         return Path(self.clip_path) if self.clip_path else self._require(self.ckpt_dir / "image_encoder",
                                                                          "model.clip_path", "the CLIP image encoder")
 
+    def base_model(self) -> str:
+        return str(self.transformer_path or self.ckpt_dir)
+
+    @property
+    def family_name(self) -> str:
+        return f"{super().family_name}:{self.variant_name}"
+
     # --- caching
     def cache_fingerprints(self) -> tuple[str, str]:
         media = [self.vae_file, *([self.clip_dir] if self.variant.clip else [])]
@@ -253,7 +260,7 @@ class WanModule(DiffusionModule):
 
     # --- export
     def export_lora(self, lora_state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
-        save_safetensors(formats.lora_to_comfyui(lora_state_dict), out_dir / LORA_FILE)
+        save_safetensors(formats.lora_to_comfyui(lora_state_dict), out_dir / LORA_FILE, self.lora_metadata())
 
     def export_full(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         """The native single file, and transformer/config.json: with it, `WanTransformer3DModel.from_single_file(
