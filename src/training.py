@@ -19,8 +19,13 @@ class TrainingRun:
     trainer: Any
 
 
-def run(cfg: DictConfig) -> TrainingRun:
+def run(cfg: DictConfig) -> Optional[TrainingRun]:
     validate(cfg)
+    if cfg.dry_run:  # the plan printed, nothing loaded or trained
+        from src.dry_run import dry_run
+
+        print(dry_run(cfg))
+        return None
     # bitsandbytes warns at import that its optional CPU 4-bit matmul kernels are missing; nothing here uses them.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import lightning as L  # heavy imports only after the config is known to be good

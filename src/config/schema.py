@@ -68,6 +68,7 @@ class RootConfig:
     """Top-level keys of conf/train.yaml (the groups are validated on their own)."""
 
     seed: int = 42
+    dry_run: bool = False
     run_dir: str = "???"
     resume: Optional[str] = None
     outputs_root: str = "???"

@@ -189,18 +189,27 @@ class DiffusionDataModule(LightningDataModule):
         if self.train_set is not None:
             return
         module = self.trainer.lightning_module
+        train, evals = self.plan(module, module.cache_fingerprints())
+        self._fill_cache([s for samples in (train, *evals.values()) for s in samples], module)
+        self.train_set = CachedDataset(train)
+        self.eval_sets = {name: CachedDataset(samples) for name, samples in evals.items()}
+
+    def plan(self, module, fingerprints: tuple[str, str], save_probes: bool = True
+             ) -> tuple[list[Sample], dict[str, list[Sample]]]:
+        """Scans and buckets: the training samples (repeats included) and each eval set's, with the cache files
+        they need under the family's (latent, text) `fingerprints`. Skipped files land in `self.skipped`.
+        `save_probes`: remember the media verified (false for a dry run, which writes nothing)."""
         cache = EmbeddingCache(self.cache_root / module.cache_name)
-        latent_fp, text_fp = module.cache_fingerprints()
+        latent_fp, text_fp = fingerprints
         probes = ProbeIndex(self.cache_root / PROBE_INDEX_NAME)
         plan = lambda dirs, repeat: self._plan(dirs, cache, probes, latent_fp, text_fp, module, repeat)  # noqa: E731
         train = plan(self.directories, True)
         evals = {name: plan([d], False) for name, d in self.eval_directories.items()}
-        probes.save()  # with the digests _plan computed
+        if save_probes:
+            probes.save()  # with the digests _plan computed
         if not train:
             raise EmptyDatasetError(self._empty_dataset_message())
-        self._fill_cache([s for samples in (train, *evals.values()) for s in samples], module)
-        self.train_set = CachedDataset(train)
-        self.eval_sets = {name: CachedDataset(samples) for name, samples in evals.items()}
+        return train, evals
 
     def _empty_dataset_message(self) -> str:
         folders = ", ".join(str(d["path"]) for d in self.directories)

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
+from accelerate import init_empty_weights
 from diffusers.hooks import apply_layerwise_casting
 from hydra.utils import instantiate
 from lightning import LightningModule
@@ -113,6 +114,12 @@ class DiffusionModule(LightningModule, ABC):
     @abstractmethod
     def load_denoiser(self) -> torch.nn.Module:
         """The denoiser in the compute dtype."""
+
+    def denoiser_skeleton(self) -> torch.nn.Module:
+        """The denoiser with every weight on the meta device (shapes, no memory), from its config alone: the
+        Diffusers folder's config.json, a single file's safetensors header, or bundled configs. No weight is read
+        (the dry run estimates memory from it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its denoiser without loading it")
 
     @abstractmethod
     def predict(self, noisy_latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -443,6 +450,12 @@ def weighted_mse(prediction: torch.Tensor, target: torch.Tensor,
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample)
     return per_sample.mean()
+
+
+def skeleton(model_cls: type, config: dict) -> torch.nn.Module:
+    """A diffusers model class built from its config with every weight on the meta device."""
+    with init_empty_weights():
+        return model_cls.from_config(config)
 
 
 def pad_sequences(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ from src.tiny import flux as tiny_flux
 from src.tiny import tiny_model_dir
 from src.utils.atomic import save_safetensors
 
-from .base import DiffusionModule
+from .base import DiffusionModule, skeleton
 
 
 class FluxEncoders:
@@ -125,6 +125,10 @@ class FluxModule(FluxBase):
         return FluxEncoders(pipe, self.max_sequence_length)
 
     # --- training
+    def denoiser_skeleton(self) -> FluxTransformer2DModel:
+        return skeleton(FluxTransformer2DModel, FluxTransformer2DModel.load_config(self.model_dir,
+                                                                                   subfolder="transformer"))
+
     def load_denoiser(self) -> FluxTransformer2DModel:
         if self.transformer_path:
             model = load_bfl_transformer(self.transformer_path, self.model_dir, self.compute_dtype)

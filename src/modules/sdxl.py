@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 from transformers import CLIPTokenizer
 
@@ -32,7 +32,7 @@ from src.tiny import tiny_model_dir
 from src.tiny.sdxl import CHECKPOINT_FILE as TINY_FILE
 from src.utils.atomic import save_safetensors
 
-from .base import DiffusionModule
+from .base import DiffusionModule, skeleton
 from .noise_schedules import DDPM
 
 # Where the CLIP tokenizers of a real SDXL checkpoint come from (its single file holds none): the Hugging Face
@@ -134,6 +134,9 @@ class SDXLModule(DiffusionModule):
         self._pipeline = self._from_single_file(StableDiffusionXLPipeline.from_single_file, vae=None, tokenizer=None,
                                                 tokenizer_2=None, torch_dtype=self.compute_dtype)
         return self._pipeline.unet
+
+    def denoiser_skeleton(self) -> UNet2DConditionModel:
+        return skeleton(UNet2DConditionModel, UNet2DConditionModel.load_config(self.config_dir, subfolder="unet"))
 
     def load_text_encoders(self) -> dict[str, torch.nn.Module]:
         pipeline, self._pipeline = self._pipeline, None

@@ -30,12 +30,12 @@ from src.config.keys import Choices, ModelPath
 from src.config.validate import ConfigError
 from src.datamodules.cache import fingerprint_files
 from src.formats import wan as formats
-from src.formats.single_file import save_native
+from src.formats.single_file import read_shapes, save_native, strip_comfy_prefix
 from src.tiny import tiny_model_dir
 from src.tiny import wan as tiny_wan
 from src.utils.atomic import save_safetensors
 
-from .base import DiffusionModule
+from .base import DiffusionModule, skeleton
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
@@ -237,9 +237,17 @@ class WanModule(DiffusionModule):
                                           **family_inputs).frames
 
     # --- training
+    def denoiser_skeleton(self) -> WanTransformer3DModel:
+        source = self.transformer_source
+        shapes = strip_comfy_prefix(read_shapes(source, "diffusion_pytorch_model*"))
+        return skeleton(WanTransformer3DModel, formats.transformer_config(shapes, self._num_heads(source)))
+
+    def _num_heads(self, source: Path) -> Optional[int]:
+        return formats.original_num_heads(source if source.is_dir() else self.ckpt_dir)
+
     def load_denoiser(self) -> WanTransformer3DModel:
         source = self.transformer_source
-        heads = formats.original_num_heads(source if source.is_dir() else self.ckpt_dir)
+        heads = self._num_heads(source)
         try:
             return formats.load_transformer(source, self.compute_dtype, heads)
         except (OSError, ValueError, KeyError) as error:
