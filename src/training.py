@@ -33,6 +33,7 @@ def run(cfg: DictConfig) -> Optional[TrainingRun]:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from src.callbacks.export import ExportCallback
+    from src.dashboards import log_config
     from src.utils.checkpoint_io import AtomicCheckpointIO
 
     L.seed_everything(cfg.seed, workers=True)
@@ -49,6 +50,7 @@ def run(cfg: DictConfig) -> Optional[TrainingRun]:
                                   save_last=True, save_top_k=1)
     callbacks = [exporter, checkpoints, *(instantiate(c) for c in cfg.callbacks.values())]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+    log_config(loggers, cfg)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
                           **_eval_schedule(cfg))
 
