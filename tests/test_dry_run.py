@@ -100,3 +100,16 @@ def test_weight_memory_is_what_the_loaded_denoiser_holds(fp8, tmp_path):
                for b in blocks[-2:]]
     assert estimate["cpu"] == sum(swapped)
     assert estimate["device"] == estimate["total"] - sum(swapped) + max(swapped)
+
+
+@pytest.mark.parametrize("name, denoiser", [("sdxl", "UNet2DConditionModel"), ("wan", "WanTransformer3DModel")])
+def test_dry_run_of_image_and_video_families(name, denoiser, tmp_path):
+    overrides = (*FAMILIES[name], "dry_run=true",
+                 *(["dataset=videos", "dataset.resolutions=[32]", "dataset.frame_buckets=[1,5]"] if name == "wan" else []))
+    cfg = compose_config(tmp_path / "run", *overrides)
+    build_module(cfg).denoiser_skeleton()  # builds the tiny model on first use, as a training run would
+    report = dry_run(cfg)
+    assert f"Denoiser weights ({denoiser}" in report
+    if name == "wan":  # every bundled video fills the 5-frame bucket
+        rows = [line.split() for line in report.splitlines() if line.strip()[:1].isdigit()]
+        assert any(row[1] == "5" for row in rows), report
