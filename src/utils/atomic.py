@@ -81,12 +81,5 @@ def atomic_directory(path: Path):
 
 def copy_file(source: Path, destination: Path) -> None:
     """`source` copied to `destination`, which never holds a partial copy."""
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-    try:
+    with replacing(destination) as tmp:
         shutil.copyfile(source, tmp)
-        os.replace(tmp, destination)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
