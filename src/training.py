@@ -19,8 +19,13 @@ class TrainingRun:
     trainer: Any
 
 
-def run(cfg: DictConfig) -> TrainingRun:
+def run(cfg: DictConfig) -> Optional[TrainingRun]:
     validate(cfg)
+    if cfg.dry_run:  # the plan printed, nothing loaded or trained
+        from src.dry_run import dry_run
+
+        print(dry_run(cfg))
+        return None
     # bitsandbytes warns at import that its optional CPU 4-bit matmul kernels are missing; nothing here uses them.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import lightning as L  # heavy imports only after the config is known to be good
@@ -29,6 +34,7 @@ def run(cfg: DictConfig) -> TrainingRun:
 
     from src.callbacks.export import ExportCallback
     from src.callbacks.previews import PreviewCallback
+    from src.dashboards import log_config
     from src.utils.checkpoint_io import AtomicCheckpointIO
 
     L.seed_everything(cfg.seed, workers=True)
@@ -39,12 +45,14 @@ def run(cfg: DictConfig) -> TrainingRun:
 
     datamodule = instantiate(cfg.dataset, eval_datasets=cfg.eval_datasets, seed=cfg.seed, _convert_="all")
     module = build_module(cfg, datamodule.eval_names)
-    exporter = ExportCallback(str(run_dir), resolved, cfg.save_every_n_steps, cfg.save_every_n_epochs, cfg.save_dtype)
+    exporter = ExportCallback(str(run_dir), resolved, cfg.save_every_n_steps, cfg.save_every_n_epochs, cfg.save_dtype,
+                              cfg.export_name, cfg.export_layout, cfg.keep_last_n_exports)
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps,
                                   save_last=True, save_top_k=1)
     callbacks = [exporter, checkpoints, PreviewCallback.from_config(cfg),
                  *(instantiate(c) for c in cfg.callbacks.values())]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+    log_config(loggers, cfg)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
                           **_eval_schedule(cfg))
 

@@ -5,7 +5,8 @@ Per family: a tiny LoRA run whose export, loaded by the real consumer into the u
 disk, reproduces our trained denoiser to 1e-5 with every trained LoRA module loaded; a preview rendered through
 the family's inference hook; a run killed mid-way and resumed ends with the uninterrupted run's LoRA. Where the
 seed offers them: a full fine-tune whose export loads back through the family's own loading key bit-identically,
-and an fp8 base that keeps the LoRA and the family's keep-list in high precision."""
+and an fp8 base that keeps the LoRA and the family's keep-list in high precision. Every LoRA file records its run
+in its metadata, and the denoiser skeleton the dry run measures has the loaded denoiser's shapes."""
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -14,6 +15,7 @@ import pytest
 import torch
 from lightning import Callback
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from src.modules.base import DiffusionModule
@@ -183,3 +185,26 @@ def test_fp8_base_keeps_lora_and_keep_list_in_high_precision(name, tmp_path):
                 stored.add(param.dtype)
     assert stored == {torch.float8_e4m3fn}, stored
     assert any(p.abs().sum() > 0 for n, p in module.denoiser.named_parameters() if "lora_B" in n), "no LoRA update"
+
+
+@pytest.mark.parametrize("name", families())
+def test_lora_file_records_its_run(name, lora_run):
+    trained = lora_run(name)
+    with safe_open(str(trained.final_export / FAMILIES[name].lora_file), "pt") as file:
+        meta = file.metadata()
+    sizes = trained.datamodule.trained_sizes()
+    assert sizes and meta["difftrain.resolutions"] == ", ".join(sizes)
+    assert (meta["difftrain.rank"], meta["difftrain.alpha"], meta["difftrain.steps"]) == ("4", "8", "4")
+    assert meta["difftrain.dataset_size"] == str(trained.datamodule.num_items) != "0"
+    assert meta["difftrain.base_model"] == trained.module.base_model() != ""
+    assert type(trained.module).__name__ in meta["difftrain.family"]
+
+
+@pytest.mark.parametrize("name", families())
+def test_denoiser_skeleton_has_the_loaded_denoisers_shapes(name, tmp_path):
+    """What the dry run estimates memory from, built from configs and file headers alone."""
+    module = untrained_module(name, tmp_path)
+    skeleton = module.denoiser_skeleton()
+    assert all(p.device.type == "meta" for p in skeleton.parameters())
+    loaded = {k: p.shape for k, p in module.denoiser.named_parameters()}
+    assert {k: p.shape for k, p in skeleton.named_parameters()} == loaded

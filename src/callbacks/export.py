@@ -1,43 +1,98 @@
-"""Writes the user-facing model files at save points and at the end of training, atomically, each folder with
-the resolved config that produced it: <run_dir>/exports/step<N>/, epoch<N>/ and final/."""
+"""Writes the user-facing model files at save points and at the end of training, atomically.
+
+Folders (`export_layout` folders or both): <run_dir>/exports/step<N>/, epoch<N>/ and final/, each with the resolved
+config that produced it. Flat files (flat or both): the LoRA file alone, named for ComfyUI's loras/ folder,
+<exports>/<name>_step00050.safetensors, <name>_epoch0003.safetensors and <name>.safetensors (the final one). A full
+fine-tune always keeps its folder (several files). `keep_last_n_exports` prunes the older save points (folders and
+flat files alike), never the final export."""
+import re
+import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from lightning import Callback, LightningModule, Trainer
 
-from src.utils.atomic import atomic_directory
+from src.utils.atomic import atomic_directory, copy_file
+
+ExportLayout = Literal["folders", "flat", "both"]
+SAVE_POINT_FOLDER = re.compile(r"(?:step|epoch)\d+")
+
+
+def export_name(name: str) -> str:
+    """A file-name-safe export name: `lr=1e-4,rank=16` -> `lr-1e-4_rank-16`."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", name.replace("=", "-")).strip("._") or "lora"
 
 
 class ExportCallback(Callback):
     def __init__(self, run_dir: str, resolved_config: str, every_n_steps: Optional[int] = None,
-                 every_n_epochs: Optional[int] = None, save_dtype: Optional[str] = None):
+                 every_n_epochs: Optional[int] = None, save_dtype: Optional[str] = None, name: Optional[str] = None,
+                 layout: ExportLayout = "both", keep_last_n: Optional[int] = None):
         self.exports_dir = Path(run_dir) / "exports"
         self.resolved_config = resolved_config
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
         self.save_dtype = save_dtype
+        self.name = export_name(name or Path(run_dir).name)
+        self.layout = layout
+        self.keep_last_n = keep_last_n
         self._last_step_exported = -1
 
     def on_train_batch_end(self, trainer: Trainer, module: LightningModule, *args) -> None:
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step_exported:
             self._last_step_exported = step
-            self.export(trainer, module, f"step{step}")
+            self.export(trainer, module, f"step{step}", f"_step{step:05d}")
 
     def on_train_epoch_end(self, trainer: Trainer, module: LightningModule) -> None:
         epoch = trainer.current_epoch + 1
         finished = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch  # not cut short by max_steps
         if self.every_n_epochs and epoch % self.every_n_epochs == 0 and finished:
-            self.export(trainer, module, f"epoch{epoch}")
+            self.export(trainer, module, f"epoch{epoch}", f"_epoch{epoch:04d}")
 
     def on_train_end(self, trainer: Trainer, module: LightningModule) -> None:
-        self.export(trainer, module, "final")
+        self.export(trainer, module, "final", "")
 
-    def export(self, trainer: Trainer, module: LightningModule, name: str) -> Path:
-        target = self.exports_dir / name
+    def export(self, trainer: Trainer, module: LightningModule, folder: str, suffix: str) -> Path:
+        """The export folder (absent when only the flat file is kept); `suffix`: the flat file's, '' when final."""
+        target = self.exports_dir / folder
+        flat = module.is_lora and self.layout != "folders"
         if trainer.is_global_zero:
             with atomic_directory(target) as tmp:
                 module.export(tmp, self.save_dtype)
                 (tmp / "config.yaml").write_text(self.resolved_config)
+                if flat:
+                    copy_file(lora_file(tmp), self.flat_file(suffix))
+            if flat and self.layout == "flat":
+                shutil.rmtree(target)
+            if suffix:
+                self.prune()
         trainer.strategy.barrier("export")
         return target
+
+    def flat_file(self, suffix: str = "") -> Path:
+        return self.exports_dir / f"{self.name}{suffix}.safetensors"
+
+    def prune(self) -> None:
+        """Keeps the newest `keep_last_n` save-point folders and as many flat files; the final export stays."""
+        if self.keep_last_n is None:
+            return
+        flat = re.compile(rf"{re.escape(self.name)}_(?:step|epoch)\d+\.safetensors")
+        entries = list(self.exports_dir.iterdir())
+        folders = [p for p in entries if p.is_dir() and SAVE_POINT_FOLDER.fullmatch(p.name)]
+        for old in _older_than_newest(folders, self.keep_last_n):
+            shutil.rmtree(old)
+        for old in _older_than_newest([p for p in entries if flat.fullmatch(p.name)], self.keep_last_n):
+            old.unlink()
+
+
+def _older_than_newest(paths: list[Path], keep: int) -> list[Path]:
+    by_age = sorted(paths, key=lambda p: p.stat().st_mtime_ns)
+    return by_age[:max(len(by_age) - keep, 0)]
+
+
+def lora_file(folder: Path) -> Path:
+    """The one LoRA weights file a family's export_lora wrote into `folder`."""
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise RuntimeError(f"Expected one LoRA .safetensors file in the export {folder}, found {files}.")
+    return files[0]

@@ -68,12 +68,16 @@ class RootConfig:
     """Top-level keys of conf/train.yaml (the groups are validated on their own)."""
 
     seed: int = 42
+    dry_run: bool = False
     run_dir: str = "???"
     resume: Optional[str] = None
     outputs_root: str = "???"
     save_every_n_steps: Optional[int] = None
     save_every_n_epochs: Optional[int] = None
     save_dtype: Optional[str] = None
+    export_name: Optional[str] = None
+    export_layout: str = "both"
+    keep_last_n_exports: Optional[int] = None
     checkpoint_every_n_steps: Optional[int] = None
     callbacks: dict[str, Any] = field(default_factory=dict)
     eval_datasets: list[EvalDatasetConfig] = field(default_factory=list)
@@ -92,3 +96,4 @@ class RootConfig:
 
 GROUPS = ("model", "dataset", "adapter", "optimizer", "scheduler", "trainer", "logger", "experiment")
 VIDEO_CLIP_MODES = ("single_beginning", "single_middle", "multiple_overlapping")
+EXPORT_LAYOUTS = ("folders", "flat", "both")

@@ -15,7 +15,7 @@ from .errors import ConfigError
 from .family import Key, choices, marker, model_keys, model_schema
 from .keys import Choices, ModelPath
 from .samples import sample_requests
-from .schema import GROUPS, VIDEO_CLIP_MODES, AdapterConfig, DatasetConfig, RootConfig
+from .schema import EXPORT_LAYOUTS, GROUPS, VIDEO_CLIP_MODES, AdapterConfig, DatasetConfig, RootConfig
 
 __all__ = ["ConfigError", "validate", "validate_model"]
 
@@ -36,6 +36,7 @@ def validate(cfg: DictConfig) -> None:
         _check_path(eval_set.path, f"eval_datasets[{i}].path", "a folder of held-out images with captions")
     _check_schema(AdapterConfig, cfg.adapter, "adapter")
     _check_choice(cfg.adapter.type, ("lora", "none"), "adapter.type", "adapter=lora or adapter=none")
+    _check_choice(cfg.export_layout, EXPORT_LAYOUTS, "export_layout", "where LoRA exports are written")
     for group in ("optimizer", "scheduler"):
         _check_callable_kwargs(cfg[group], group)
     if cfg.optimizer.get("gradient_release"):

@@ -11,6 +11,7 @@ Batches come from one (width, height, frames, controls) bucket each, in a reprod
 rank, resumable mid-epoch; the family collates its text tensors (DiffusionModule.collate_text)."""
 import inspect
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -188,18 +189,27 @@ class DiffusionDataModule(LightningDataModule):
         if self.train_set is not None:
             return
         module = self.trainer.lightning_module
+        train, evals = self.plan(module, module.cache_fingerprints())
+        self._fill_cache([s for samples in (train, *evals.values()) for s in samples], module)
+        self.train_set = CachedDataset(train)
+        self.eval_sets = {name: CachedDataset(samples) for name, samples in evals.items()}
+
+    def plan(self, module, fingerprints: tuple[str, str], save_probes: bool = True
+             ) -> tuple[list[Sample], dict[str, list[Sample]]]:
+        """Scans and buckets: the training samples (repeats included) and each eval set's, with the cache files
+        they need under the family's (latent, text) `fingerprints`. Skipped files land in `self.skipped`.
+        `save_probes`: remember the media verified (false for a dry run, which writes nothing)."""
         cache = EmbeddingCache(self.cache_root / module.cache_name)
-        latent_fp, text_fp = module.cache_fingerprints()
+        latent_fp, text_fp = fingerprints
         probes = ProbeIndex(self.cache_root / PROBE_INDEX_NAME)
         plan = lambda dirs, repeat: self._plan(dirs, cache, probes, latent_fp, text_fp, module, repeat)  # noqa: E731
         train = plan(self.directories, True)
         evals = {name: plan([d], False) for name, d in self.eval_directories.items()}
-        probes.save()  # with the digests _plan computed
+        if save_probes:
+            probes.save()  # with the digests _plan computed
         if not train:
             raise EmptyDatasetError(self._empty_dataset_message())
-        self._fill_cache([s for samples in (train, *evals.values()) for s in samples], module)
-        self.train_set = CachedDataset(train)
-        self.eval_sets = {name: CachedDataset(samples) for name, samples in evals.items()}
+        return train, evals
 
     def _empty_dataset_message(self) -> str:
         folders = ", ".join(str(d["path"]) for d in self.directories)
@@ -295,6 +305,15 @@ class DiffusionDataModule(LightningDataModule):
             for sample, tensors in zip(chunk, encoders.encode_captions([s.item.caption for s in chunk], **images)):
                 EmbeddingCache.write(sample.text_path, tensors)
 
+    def trained_sizes(self) -> list[str]:
+        """The sizes the training buckets hold, most used first (see size_labels)."""
+        return size_labels(self.train_set.samples) if self.train_set else []
+
+    @property
+    def num_items(self) -> int:
+        """Media files trained on: repeats and the several buckets of one file count once."""
+        return len({s.item.path for s in self.train_set.samples}) if self.train_set else 0
+
     def train_dataloader(self) -> ResumableDataLoader:
         sampler = BucketBatchSampler([s.bucket for s in self.train_set.samples], self.batch_size, self.seed,
                                      rank=self.trainer.global_rank, world_size=self.trainer.world_size)
@@ -311,6 +330,13 @@ class DiffusionDataModule(LightningDataModule):
 
     def _collate(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         return partial(collate, collate_text=self.trainer.lightning_module.collate_text)
+
+
+def size_labels(samples: list[Sample]) -> list[str]:
+    """'WxH' per training size ('WxHxF' for video clips of F frames), the most used first, then the largest."""
+    counts = Counter(s.bucket[:3] for s in samples)
+    ordered = sorted(counts, key=lambda b: (-counts[b], -b[0] * b[1] * b[2]))
+    return [f"{w}x{h}" + (f"x{frames}" if frames > 1 else "") for w, h, frames in ordered]
 
 
 def check_media_kind(item: MediaItem, module) -> None:

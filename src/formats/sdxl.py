@@ -195,9 +195,9 @@ def untrained_tensors(path: str | Path) -> StateDict:
         return {k: f.get_tensor(k) for k in f.keys() if k.startswith(VAE_PREFIX) or k in PASSTHROUGH_KEYS}
 
 
-def checkpoint_metadata(title: str, v_pred: bool) -> dict[str, str]:
+def checkpoint_metadata(title: str, v_pred: bool, resolution: str) -> dict[str, str]:
     """ModelSpec 1.0.1 keys of a full SDXL checkpoint, as kohya's sai_model_spec writes them."""
-    return _modelspec("stable-diffusion-xl-v1-base", title, v_pred)
+    return _modelspec("stable-diffusion-xl-v1-base", title, v_pred, resolution)
 
 
 def save_original_checkpoint(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -246,21 +246,22 @@ def kohya_lora(lora: Mapping[str, torch.Tensor], alpha: float, unet_config: Mapp
     return out
 
 
-def kohya_metadata(facts: Mapping[str, Any]) -> dict[str, str]:
+def kohya_metadata(facts: Mapping[str, Any], resolution: str) -> dict[str, str]:
     """The `ss_*` and `modelspec.*` metadata of a kohya SDXL LoRA (lora-formats.md §1.3). `facts` holds the
-    run's values under the ss_ names without the prefix (network_dim, network_alpha, learning_rate, ...)."""
+    run's values under the ss_ names without the prefix (network_dim, network_alpha, learning_rate, ...);
+    `resolution` ('WxH') is the size the run trained at."""
     fixed = {"network_module": "networks.lora", "base_model_version": "sdxl_base_v1-0", "v2": False,
              "cache_latents": True, "network_args": json.dumps({})}
     metadata = {f"ss_{k}": _metadata_value(v) for k, v in {**fixed, **facts}.items()}
     metadata.update(_modelspec("stable-diffusion-xl-v1-base/lora", facts.get("output_name", "LoRA"),
-                               bool(facts.get("v_parameterization"))))
+                               bool(facts.get("v_parameterization")), resolution))
     return metadata
 
 
-def _modelspec(architecture: str, title: str, v_pred: bool) -> dict[str, str]:
+def _modelspec(architecture: str, title: str, v_pred: bool, resolution: str) -> dict[str, str]:
     return {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": architecture,
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-            "modelspec.title": title, "modelspec.resolution": "1024x1024",
+            "modelspec.title": title, "modelspec.resolution": resolution,
             "modelspec.prediction_type": "v" if v_pred else "epsilon",
             "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S")}
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from src.utils.atomic import save_safetensors
@@ -39,6 +40,20 @@ def read_state_dict(path: str | Path, name_filter: str = "*") -> StateDict:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return dict(loaded.get("state_dict", loaded)) if isinstance(loaded, Mapping) else loaded
     raise ValueError(f"{path}: not a checkpoint (expected one of {', '.join(WEIGHT_SUFFIXES)} or a folder of shards)")
+
+
+def read_shapes(path: str | Path, name_filter: str = "*") -> StateDict:
+    """Meta tensors shaped as a safetensors checkpoint's (one file, or a folder's `name_filter` shards), read from
+    the headers alone: no tensor data is read."""
+    path = Path(path)
+    files = sorted(path.glob(f"{name_filter}.safetensors")) if path.is_dir() else [path]
+    if not files or any(file.suffix != ".safetensors" for file in files):
+        raise ValueError(f"{path}: tensor shapes are read from .safetensors files only")
+    shapes: StateDict = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            shapes.update({key: torch.empty(f.get_slice(key).get_shape(), device="meta") for key in f.keys()})
+    return shapes
 
 
 def strip_comfy_prefix(state_dict: Mapping[str, torch.Tensor]) -> StateDict:

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
+from accelerate import init_empty_weights
 from diffusers.hooks import apply_layerwise_casting
 from hydra.utils import instantiate
 from lightning import LightningModule
@@ -113,6 +114,12 @@ class DiffusionModule(LightningModule, ABC):
     @abstractmethod
     def load_denoiser(self) -> torch.nn.Module:
         """The denoiser in the compute dtype."""
+
+    def denoiser_skeleton(self) -> torch.nn.Module:
+        """The denoiser with every weight on the meta device (shapes, no memory), from its config alone: the
+        Diffusers folder's config.json, a single file's safetensors header, or bundled configs. No weight is read
+        (the dry run estimates memory from it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its denoiser without loading it")
 
     @abstractmethod
     def predict(self, noisy_latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -418,6 +425,27 @@ class DiffusionModule(LightningModule, ABC):
                      for key, tensor in part.state_dict().items()}
             self.export_full({k: v.to(dtype) if dtype else v for k, v in state.items()}, out_dir)
 
+    def base_model(self) -> str:
+        """The base model the run trained on (its file or folder), as exported LoRA files record it."""
+        return ""
+
+    @property
+    def family_name(self) -> str:
+        return f"{type(self).__module__}.{type(self).__qualname__}"
+
+    def lora_metadata(self) -> dict[str, str]:
+        """What every exported LoRA file records about its run (safetensors metadata, `difftrain.*`): the base
+        model, the family, rank and alpha, the steps and epochs done (an epoch cut short by max_steps counts), the
+        bucket sizes trained (most used first) and the number of dataset items."""
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        facts = {"base_model": self.base_model(), "family": self.family_name, "rank": self.adapter_cfg.rank,
+                 "alpha": self.lora_alpha, "steps": trainer.global_step if trainer else 0,
+                 "epochs": trainer.fit_loop.epoch_progress.current.processed if trainer else 0,
+                 "resolutions": ", ".join(datamodule.trained_sizes()) if datamodule else "",
+                 "dataset_size": datamodule.num_items if datamodule else 0}
+        return {f"difftrain.{key}": str(value) for key, value in facts.items()}
+
     def lora_state_dict(self, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
         """PEFT LoRA weights of every part that has one, under diffusers/transformers module names (a text
         encoder's under '<part name>.'). With fold_lora_scale, alpha/rank is folded into lora_B so every consumer
@@ -441,6 +469,12 @@ def weighted_mse(prediction: torch.Tensor, target: torch.Tensor,
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample)
     return per_sample.mean()
+
+
+def skeleton(model_cls: type, config: dict) -> torch.nn.Module:
+    """A diffusers model class built from its config with every weight on the meta device."""
+    with init_empty_weights():
+        return model_cls.from_config(config)
 
 
 def pad_sequences(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

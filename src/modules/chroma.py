@@ -14,10 +14,12 @@ from transformers import AutoTokenizer, T5EncoderModel
 from src.config.keys import ModelPath
 from src.datamodules.cache import fingerprint_files
 from src.formats import chroma as formats
+from src.formats.single_file import read_shapes, strip_comfy_prefix
 from src.tiny import chroma as tiny_chroma
 from src.tiny import tiny_model_dir
 from src.utils.atomic import save_safetensors
 
+from .base import skeleton
 from .flux import FluxBase, FluxEncoders
 
 LORA_FILE = "adapter_model.safetensors"
@@ -57,6 +59,9 @@ class ChromaModule(FluxBase):
             return tiny_model_dir("chroma", tiny_chroma.build) / tiny_chroma.TRANSFORMER_FILE
         return Path(self.transformer_path)
 
+    def base_model(self) -> str:
+        return str(self.transformer_file)
+
     # --- caching
     def cache_fingerprints(self) -> tuple[str, str]:
         root = self.model_dir
@@ -78,10 +83,16 @@ class ChromaModule(FluxBase):
             transformer=transformer)
 
     # --- training
+    def denoiser_skeleton(self) -> ChromaTransformer2DModel:
+        shapes = strip_comfy_prefix(read_shapes(self.transformer_file))
+        return skeleton(ChromaTransformer2DModel, formats.transformer_config(shapes, *self._rotary_axes()))
+
+    def _rotary_axes(self) -> tuple:
+        """The rotary axes show in no weight shape: the tiny model's, or (none given) the released Chroma's."""
+        return (tiny_chroma.TRANSFORMER_CONFIG["axes_dims_rope"],) if self.tiny else ()
+
     def load_denoiser(self) -> ChromaTransformer2DModel:
-        # The rotary axes show in no weight shape: the released Chroma's, or the tiny one's.
-        axes = tiny_chroma.TRANSFORMER_CONFIG["axes_dims_rope"] if self.tiny else None
-        return formats.load_chroma_transformer(self.transformer_file, self.compute_dtype, axes)
+        return formats.load_chroma_transformer(self.transformer_file, self.compute_dtype, *self._rotary_axes())
 
     def denoise_tokens(self, tokens: torch.Tensor, ids: torch.Tensor, t: torch.Tensor,
                        text: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -99,7 +110,7 @@ class ChromaModule(FluxBase):
 
     # --- export
     def export_lora(self, lora_state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
-        save_safetensors(formats.lora_to_comfyui(lora_state_dict), out_dir / LORA_FILE)
+        save_safetensors(formats.lora_to_comfyui(lora_state_dict), out_dir / LORA_FILE, self.lora_metadata())
 
     def read_exported_lora(self, path: Path) -> dict[str, torch.Tensor]:
         return formats.lora_from_comfyui(load_file(path))

@@ -13,8 +13,9 @@ from src.datamodules.cache import fingerprint_files
 from src.formats.flux import load_bfl_transformer, save_bfl_transformer
 from src.tiny import flux as tiny_flux
 from src.tiny import tiny_model_dir
+from src.utils.atomic import save_safetensors
 
-from .base import DiffusionModule
+from .base import DiffusionModule, skeleton
 
 
 class FluxEncoders:
@@ -78,6 +79,9 @@ class FluxBase(DiffusionModule):
     def model_dir(self) -> Path:
         return tiny_model_dir("flux", tiny_flux.build) if self.tiny else Path(self.diffusers_path)
 
+    def base_model(self) -> str:
+        return str(self.transformer_path or self.model_dir)
+
     def predict(self, noisy_latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
                 cond: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
         b, c, h, w = noisy_latents.shape
@@ -121,6 +125,10 @@ class FluxModule(FluxBase):
         return FluxEncoders(pipe, self.max_sequence_length)
 
     # --- training
+    def denoiser_skeleton(self) -> FluxTransformer2DModel:
+        return skeleton(FluxTransformer2DModel, FluxTransformer2DModel.load_config(self.model_dir,
+                                                                                   subfolder="transformer"))
+
     def load_denoiser(self) -> FluxTransformer2DModel:
         if self.transformer_path:
             model = load_bfl_transformer(self.transformer_path, self.model_dir, self.compute_dtype)
@@ -151,7 +159,11 @@ class FluxModule(FluxBase):
 
     # --- export
     def export_lora(self, lora_state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
-        FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=lora_state_dict, safe_serialization=True)
+        """diffusers' layout, written by our atomic writer with the run's metadata (diffusers' loaders read only
+        their own `lora_adapter_metadata` key, absent here: the scale is folded into the weights)."""
+        metadata = self.lora_metadata()
+        FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=lora_state_dict, safe_serialization=True,
+                                       save_function=lambda tensors, path: save_safetensors(tensors, path, metadata))
 
     def export_full(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         save_bfl_transformer(state_dict, out_dir / "flux1-transformer-bfl.safetensors")

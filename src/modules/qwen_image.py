@@ -47,7 +47,7 @@ from src.tiny import qwen_image as tiny_qwen
 from src.tiny import tiny_model_dir
 from src.utils.atomic import save_safetensors
 
-from .base import DiffusionModule
+from .base import DiffusionModule, skeleton
 from .flux import unpack_latents
 
 LORA_FILE = "adapter_model.safetensors"
@@ -197,6 +197,11 @@ class QwenImageModule(DiffusionModule):
         return QwenImageTransformer2DModel.from_pretrained(self.model_dir, subfolder="transformer",
                                                            dtype=self.compute_dtype, local_files_only=True)
 
+    def denoiser_skeleton(self) -> QwenImageTransformer2DModel:
+        """From the Diffusers folder's transformer config (a single file has the same shapes)."""
+        return skeleton(QwenImageTransformer2DModel,
+                        QwenImageTransformer2DModel.load_config(self.model_dir, subfolder="transformer"))
+
     def predict(self, noisy_latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
                 cond: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
         b, c, h, w = noisy_latents.shape
@@ -221,7 +226,7 @@ class QwenImageModule(DiffusionModule):
 
     # --- export
     def export_lora(self, lora_state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
-        save_safetensors(formats.lora_to_comfyui(lora_state_dict), out_dir / LORA_FILE)
+        save_safetensors(formats.lora_to_comfyui(lora_state_dict), out_dir / LORA_FILE, self.lora_metadata())
 
     def read_exported_lora(self, path: Path) -> dict[str, torch.Tensor]:
         return formats.lora_from_comfyui(load_file(path), str(path))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 from transformers import CLIPTokenizer
 
@@ -32,7 +32,7 @@ from src.tiny import tiny_model_dir
 from src.tiny.sdxl import CHECKPOINT_FILE as TINY_FILE
 from src.utils.atomic import save_safetensors
 
-from .base import DiffusionModule
+from .base import DiffusionModule, skeleton
 from .noise_schedules import DDPM
 
 # Where the CLIP tokenizers of a real SDXL checkpoint come from (its single file holds none): the Hugging Face
@@ -135,6 +135,9 @@ class SDXLModule(DiffusionModule):
                                                 tokenizer_2=None, torch_dtype=self.compute_dtype)
         return self._pipeline.unet
 
+    def denoiser_skeleton(self) -> UNet2DConditionModel:
+        return skeleton(UNet2DConditionModel, UNet2DConditionModel.load_config(self.config_dir, subfolder="unet"))
+
     def load_text_encoders(self) -> dict[str, torch.nn.Module]:
         pipeline, self._pipeline = self._pipeline, None
         return {part: getattr(pipeline, name) for part, name in TEXT_ENCODERS.items()}
@@ -195,14 +198,26 @@ class SDXLModule(DiffusionModule):
     # --- export
     def export_lora(self, lora_state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         tensors = kohya_lora(lora_state_dict, self.lora_alpha, self.denoiser.config)
-        save_safetensors(tensors, out_dir / LORA_FILE, kohya_metadata(self.run_facts()))
+        save_safetensors(tensors, out_dir / LORA_FILE,
+                         {**kohya_metadata(self.run_facts(), self.trained_resolution), **self.lora_metadata()})
 
     def export_full(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         parts = split_parts(state_dict)
         tensors = original_checkpoint(parts["denoiser"], self.denoiser.config, parts["text_encoder_1"],
                                       parts["text_encoder_2"], untrained_tensors(self.checkpoint))
         save_original_checkpoint(tensors, out_dir / CHECKPOINT_FILE,
-                                 checkpoint_metadata(f"{self.checkpoint.stem} fine-tune", self.v_pred))
+                                 checkpoint_metadata(f"{self.checkpoint.stem} fine-tune", self.v_pred,
+                                                     self.trained_resolution))
+
+    def base_model(self) -> str:
+        return str(self.checkpoint)
+
+    @property
+    def trained_resolution(self) -> str:
+        """kohya's `WxH` of the run: its most used bucket size (SDXL's native 1024x1024 before any data)."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        sizes = datamodule.trained_sizes() if datamodule else []
+        return sizes[0] if sizes else "1024x1024"
 
     def run_facts(self) -> dict[str, Any]:
         """What kohya records about a run (its ss_* metadata), from this run."""
@@ -218,4 +233,5 @@ class SDXLModule(DiffusionModule):
                 "seed": self.seed, "mixed_precision": str(self.compute_dtype).removeprefix("torch."),
                 "v_parameterization": self.v_pred, "min_snr_gamma": schedule.min_snr_gamma,
                 "debiased_estimation": schedule.debiased_estimation_loss, "sd_model_name": self.checkpoint.name,
-                "output_name": "lora", "training_finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "output_name": "lora", "resolution": "({}, {})".format(*self.trained_resolution.split("x")),
+                "num_train_images": trainer.datamodule.num_items if trainer and trainer.datamodule else 0, "training_finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -30,12 +30,12 @@ from src.config.keys import Choices, ModelPath
 from src.config.validate import ConfigError
 from src.datamodules.cache import fingerprint_files
 from src.formats import wan as formats
-from src.formats.single_file import save_native
+from src.formats.single_file import read_shapes, save_native, strip_comfy_prefix
 from src.tiny import tiny_model_dir
 from src.tiny import wan as tiny_wan
 from src.utils.atomic import save_safetensors
 
-from .base import DiffusionModule
+from .base import DiffusionModule, skeleton
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
@@ -188,6 +188,13 @@ class WanModule(DiffusionModule):
         return Path(self.clip_path) if self.clip_path else self._require(self.ckpt_dir / "image_encoder",
                                                                          "model.clip_path", "the CLIP image encoder")
 
+    def base_model(self) -> str:
+        return str(self.transformer_path or self.ckpt_dir)
+
+    @property
+    def family_name(self) -> str:
+        return f"{super().family_name}:{self.variant_name}"
+
     # --- caching
     def cache_fingerprints(self) -> tuple[str, str]:
         media = [self.vae_file, *([self.clip_dir] if self.variant.clip else [])]
@@ -228,9 +235,17 @@ class WanModule(DiffusionModule):
                                   num_frames=frames, num_inference_steps=steps, **family_inputs).frames
 
     # --- training
+    def denoiser_skeleton(self) -> WanTransformer3DModel:
+        source = self.transformer_source
+        shapes = strip_comfy_prefix(read_shapes(source, "diffusion_pytorch_model*"))
+        return skeleton(WanTransformer3DModel, formats.transformer_config(shapes, self._num_heads(source)))
+
+    def _num_heads(self, source: Path) -> Optional[int]:
+        return formats.original_num_heads(source if source.is_dir() else self.ckpt_dir)
+
     def load_denoiser(self) -> WanTransformer3DModel:
         source = self.transformer_source
-        heads = formats.original_num_heads(source if source.is_dir() else self.ckpt_dir)
+        heads = self._num_heads(source)
         try:
             return formats.load_transformer(source, self.compute_dtype, heads)
         except (OSError, ValueError, KeyError) as error:
@@ -251,7 +266,7 @@ class WanModule(DiffusionModule):
 
     # --- export
     def export_lora(self, lora_state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
-        save_safetensors(formats.lora_to_comfyui(lora_state_dict), out_dir / LORA_FILE)
+        save_safetensors(formats.lora_to_comfyui(lora_state_dict), out_dir / LORA_FILE, self.lora_metadata())
 
     def export_full(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         """The native single file, and transformer/config.json: with it, `WanTransformer3DModel.from_single_file(

@@ -10,10 +10,27 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 CACHE_ENV = "DIFFTRAIN_TINY_DIR"
 DEFAULT_CACHE_ROOT = Path("~/.cache/difftrain/tiny")
+_building = ContextVar("tiny_models_building", default=True)
+
+
+class TinyModelNotBuilt(FileNotFoundError):
+    """A tiny model not on disk was asked for where building is off (`without_building`)."""
+
+
+@contextmanager
+def without_building() -> Iterator[None]:
+    """Within the block, a tiny model not built yet raises TinyModelNotBuilt instead of being built (a dry run
+    reads what is on disk and writes no model)."""
+    token = _building.set(False)
+    try:
+        yield
+    finally:
+        _building.reset(token)
 
 
 def cache_root() -> Path:
@@ -30,6 +47,8 @@ def build_once(build: Callable[[Path], None], target: Path) -> Path:
     """Build into `target` unless it is already there; safe against crashes and concurrent callers."""
     if target.is_dir():
         return target
+    if not _building.get():
+        raise TinyModelNotBuilt(f"the tiny model {target} is not built yet (a training run builds it)")
     target.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(target.with_name(target.name + ".lock")):
         if not target.is_dir():  # another process may have built it while we waited

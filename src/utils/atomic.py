@@ -77,3 +77,9 @@ def atomic_directory(path: Path):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_file(source: Path, destination: Path) -> None:
+    """`source` copied to `destination`, which never holds a partial copy."""
+    with replacing(destination) as tmp:
+        shutil.copyfile(source, tmp)

@@ -1,0 +1,33 @@
+"""The resolved config of a run on its dashboards: TensorBoard hparams (hparams.yaml and the HPARAMS tab) and the
+W&B run config, so runs (and sweep jobs) can be compared by what they trained with. Values the config reads from the
+environment (`${oc.env:...}`) and keys that look like credentials are replaced by a placeholder: dashboards are
+shared, environments hold secrets."""
+import re
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+HIDDEN = "<hidden>"
+CREDENTIAL_KEY = re.compile(r"secret|token|password|passwd|api_?key|credential", re.IGNORECASE)
+
+
+def dashboard_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain containers, with environment values and credential-like keys hidden."""
+    return _hide(OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(cfg, resolve=False))
+
+
+def _hide(resolved: Any, raw: Any) -> Any:
+    if isinstance(resolved, dict):
+        raw = raw if isinstance(raw, dict) else {}
+        return {key: HIDDEN if CREDENTIAL_KEY.search(str(key)) else _hide(value, raw.get(key))
+                for key, value in resolved.items()}
+    if isinstance(resolved, list):
+        raw = raw if isinstance(raw, list) else [None] * len(resolved)
+        return [_hide(value, raw_value) for value, raw_value in zip(resolved, raw)]
+    return HIDDEN if isinstance(raw, str) and "oc.env" in raw else resolved
+
+
+def log_config(loggers: list, cfg: DictConfig) -> None:
+    config = dashboard_config(cfg)
+    for logger in loggers:
+        logger.log_hyperparams(config)
