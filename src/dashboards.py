@@ -31,3 +31,13 @@ def log_config(loggers: list, cfg: DictConfig) -> None:
     config = dashboard_config(cfg)
     for logger in loggers:
         logger.log_hyperparams(config)
+
+
+def finish_loggers(loggers: list) -> None:
+    """Ends the W&B run of a finished (or failed) training run, so that its files are complete and the next run in
+    the same process gets a W&B run of its own (Lightning leaves it open)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()

@@ -34,7 +34,7 @@ def run(cfg: DictConfig) -> Optional[TrainingRun]:
 
     from src.callbacks.export import ExportCallback
     from src.callbacks.previews import PreviewCallback
-    from src.dashboards import log_config
+    from src.dashboards import finish_loggers, log_config
     from src.utils.checkpoint_io import AtomicCheckpointIO
 
     L.seed_everything(cfg.seed, workers=True)
@@ -59,7 +59,10 @@ def run(cfg: DictConfig) -> Optional[TrainingRun]:
     ckpt_path = resolve_resume(cfg.resume, Path(cfg.outputs_root), run_dir)
     if cfg.eval_datasets and cfg.eval_before_first_step and ckpt_path is None:
         trainer.validate(module, datamodule=datamodule)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        finish_loggers(loggers)
     if datamodule.skipped:
         log.warning("%d file(s) were skipped (reasons logged above).", len(datamodule.skipped))
     final = run_dir / "exports" / "final"

@@ -119,6 +119,9 @@ class ToyModule(DiffusionModule):
     def folder(self) -> Path:
         return tiny_model_dir("toy", build_toy) if self.tiny else Path(self.checkpoint_dir)
 
+    def base_model(self) -> str:
+        return str(self.folder)
+
     def cache_fingerprints(self) -> tuple[str, str]:
         return "toy-vae", "toy-text"
 

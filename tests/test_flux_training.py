@@ -35,7 +35,8 @@ def test_full_finetune_exports_bfl_file_and_diffusers_folder(make_config, tmp_pa
 
 
 def test_exports_at_save_points_each_with_its_config(make_config):
-    result = run(make_config(*FAST, "trainer.max_steps=4", "save_every_n_steps=2", "save_every_n_epochs=null"))
+    result = run(make_config(*FAST, "trainer.max_steps=4", "save_every_n_steps=2", "save_every_n_epochs=null",
+                             "export_layout=folders"))
     exports = result.final_export.parent
     assert sorted(p.name for p in exports.iterdir()) == ["final", "step2", "step4"]
     for folder in exports.iterdir():

@@ -11,7 +11,6 @@ import av
 import numpy as np
 import pytest
 import torch
-import wandb
 from hydra import compose, initialize_config_dir
 from lightning import Callback
 from PIL import Image
@@ -65,7 +64,6 @@ def preview_run(tmp_path_factory):
             overrides, _ = FAMILIES[name]
             folder = tmp_path_factory.mktemp(name)
             runs[name] = run(compose_config(folder / "run", *overrides, *TRAINING, *PREVIEWS, *LOGGERS))
-            wandb.finish()  # the next run gets a W&B run of its own
         return runs[name]
     return get
 

@@ -104,7 +104,7 @@ def test_comfyui_lora_loads_in_diffusers_and_reproduces_the_trained_transformer(
     assert all(COMFY_WAN_BLOCK_LINEAR.match(m) for m in modules), sorted(modules)
     assert any(".k_img" in m for m in modules) == VARIANTS[variant].clip
     with safe_open(lora_file, "pt") as f:
-        assert f.metadata() == {"format": "pt"}
+        assert all(key == "format" or key.startswith("difftrain.") for key in f.metadata())  # no foreign keys
 
     pipeline_cls, slot, boundary = CONSUMERS[variant]
     if VARIANTS[variant].expert:  # trained on the part of the schedule the pipeline gives this expert

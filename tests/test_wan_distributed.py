@@ -30,7 +30,7 @@ def test_wan22_low_on_two_processes_caches_once_trains_and_exports_one_comfyui_l
     assert sum(latents for latents, _ in per_rank) == EXAMPLE_VIDEOS  # each clip encoded once
     assert sum(captions for _, captions in per_rank) == EXAMPLE_VIDEOS
     exports = tmp_path / "first" / "exports"
-    assert sorted(p.name for p in exports.iterdir()) == ["final"]
+    assert sorted(p.name for p in exports.iterdir()) == ["final", "first.safetensors"]  # written once
     lora = load_file(exports / "final" / LORA_FILE)
     assert lora and all(k.startswith("diffusion_model.blocks.") for k in lora)
 

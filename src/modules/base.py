@@ -425,9 +425,9 @@ class DiffusionModule(LightningModule, ABC):
                      for key, tensor in part.state_dict().items()}
             self.export_full({k: v.to(dtype) if dtype else v for k, v in state.items()}, out_dir)
 
+    @abstractmethod
     def base_model(self) -> str:
         """The base model the run trained on (its file or folder), as exported LoRA files record it."""
-        return ""
 
     @property
     def family_name(self) -> str:

@@ -197,6 +197,9 @@ class QwenImageModule(DiffusionModule):
         return QwenImageTransformer2DModel.from_pretrained(self.model_dir, subfolder="transformer",
                                                            dtype=self.compute_dtype, local_files_only=True)
 
+    def base_model(self) -> str:
+        return str(self.part_files["transformer"] or self.model_dir)
+
     def denoiser_skeleton(self) -> QwenImageTransformer2DModel:
         """From the Diffusers folder's transformer config (a single file has the same shapes)."""
         return skeleton(QwenImageTransformer2DModel,
