@@ -48,9 +48,9 @@ def validate(cfg: DictConfig) -> None:
     for i, eval_set in enumerate(cfg.eval_datasets):
         _check_path(eval_set.path, f"eval_datasets[{i}].path", "a folder of held-out images with captions", folder=True)
     _check_dataset_entries(cfg)
-    _check_schema(AdapterConfig, cfg.adapter, "adapter")
-    _check_choice(cfg.adapter.type, ("lora", "none"), "adapter.type", "adapter=lora or adapter=none")
-    _check_choice(cfg.adapter.dtype, ADAPTER_DTYPES, "adapter.dtype", "the dtype of the LoRA weights")
+    adapter = _check_schema(AdapterConfig, cfg.adapter, "adapter")
+    _check_choice(adapter.type, ("lora", "none"), "adapter.type", "adapter=lora or adapter=none")
+    _check_choice(adapter.dtype, ADAPTER_DTYPES, "adapter.dtype", "the dtype of the LoRA weights")
     _check_choice(cfg.export_layout, EXPORT_LAYOUTS, "export_layout", "where LoRA exports are written")
     for group in ("optimizer", "scheduler"):
         _check_callable_kwargs(cfg[group], group)
