@@ -20,21 +20,3 @@ class Choices:
 
     what: str = ""
     listed: str = ""
-
-
-@dataclass(frozen=True)
-class Range:
-    """The numbers a key accepts: from `low` (excluded when `above`) to `high`; `note` explains a special value."""
-
-    low: float
-    high: float = float("inf")
-    above: bool = False
-    note: str = ""
-
-    def __contains__(self, value: float) -> bool:
-        return (value > self.low if self.above else value >= self.low) and value <= self.high
-
-    def __str__(self) -> str:
-        if self.high != float("inf"):
-            return f"between {self.low:g} and {self.high:g}"
-        return f"{'>' if self.above else '>='} {self.low:g}"

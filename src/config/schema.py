@@ -6,8 +6,6 @@ Keys keep the reference trainer's names (diffusion-pipe) so its users feel at ho
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .keys import Range
-
 
 @dataclass
 class DirectoryConfig:
@@ -100,6 +98,25 @@ GROUPS = ("model", "dataset", "adapter", "optimizer", "scheduler", "trainer", "l
 VIDEO_CLIP_MODES = ("single_beginning", "single_middle", "multiple_overlapping")
 EXPORT_LAYOUTS = ("folders", "flat", "both")
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a key accepts: from `low` (excluded when `above`) to `high`; `note` explains a special value."""
+
+    low: float
+    high: float = float("inf")
+    above: bool = False
+    note: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        return (value > self.low if self.above else value >= self.low) and value <= self.high
+
+    def __str__(self) -> str:
+        if self.high != float("inf"):
+            return f"between {self.low:g} and {self.high:g}"
+        return f"{'>' if self.above else '>='} {self.low:g}"
+
 
 # The numbers each key accepts, by group ("" for the top level; dataset directory and eval entries share the
 # dataset's). A key that may be null is also valid null.

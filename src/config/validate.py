@@ -14,7 +14,7 @@ from omegaconf.errors import ValidationError
 
 from .errors import ConfigError
 from .family import Key, choices, constructor_keys, keys_schema, marker, model_keys
-from .keys import Choices, ModelPath, Range
+from .keys import Choices, ModelPath
 from .samples import sample_requests
 from .schema import (
     ADAPTER_DTYPES,
@@ -25,6 +25,7 @@ from .schema import (
     VIDEO_CLIP_MODES,
     AdapterConfig,
     DatasetConfig,
+    Range,
     RootConfig,
 )
 
