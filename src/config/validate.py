@@ -16,6 +16,7 @@ from .family import Key, choices, marker, model_keys, model_schema
 from .keys import Choices, ModelPath
 from .samples import sample_requests
 from .schema import EXPORT_LAYOUTS, GROUPS, VIDEO_CLIP_MODES, AdapterConfig, DatasetConfig, RootConfig
+from .strategy import check_strategy
 
 __all__ = ["ConfigError", "validate", "validate_model"]
 
@@ -42,6 +43,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.optimizer.get("gradient_release"):
         _check_gradient_release(cfg.trainer)
     _check_block_swap(model.blocks_to_swap, cfg.adapter, cfg.trainer)
+    check_strategy(cfg)
     if cfg.save_every_n_steps is None and cfg.save_every_n_epochs is None:
         raise ConfigError("Nothing would be exported: set save_every_n_steps or save_every_n_epochs.")
     sample_requests(cfg)
