@@ -28,6 +28,7 @@ from .schema import (
     Range,
     RootConfig,
 )
+from .strategy import check_strategy
 
 __all__ = ["ConfigError", "unknown_key_error", "validate", "validate_model"]
 
@@ -59,6 +60,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.optimizer.get("gradient_release"):
         _check_gradient_release(cfg.trainer)
     _check_block_swap(model.blocks_to_swap, cfg.adapter, cfg.trainer)
+    check_strategy(cfg)
     if cfg.save_every_n_steps is None and cfg.save_every_n_epochs is None:
         raise ConfigError("Nothing would be exported: set save_every_n_steps or save_every_n_epochs.")
     sample_requests(cfg)
