@@ -11,11 +11,13 @@ from typing import Any, Union, get_args, get_origin
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
+from src.datamodules.shards import check_shards
+
 from .errors import ConfigError
 from .family import Key, choices, marker, model_keys, model_schema
 from .keys import Choices, ModelPath
 from .samples import sample_requests
-from .schema import EXPORT_LAYOUTS, GROUPS, VIDEO_CLIP_MODES, AdapterConfig, DatasetConfig, RootConfig
+from .schema import EXPORT_LAYOUTS, GROUPS, VIDEO_CLIP_MODES, AdapterConfig, DatasetConfig, RootConfig, WebDatasetConfig
 
 __all__ = ["ConfigError", "validate", "validate_model"]
 
@@ -29,11 +31,15 @@ def validate(cfg: DictConfig) -> None:
     root = {k: v for k, v in cfg.items() if k not in GROUPS and k != "hydra"}
     _check_schema(RootConfig, OmegaConf.create(root), "")
     model = _check_model(cfg.model, cfg.adapter)
-    _check_schema(DatasetConfig, cfg.dataset, "dataset")
-    _check_dataset_paths(cfg.dataset, "dataset")
+    shards = cfg.dataset.get("_target_") == WebDatasetConfig._target_
+    _check_schema(WebDatasetConfig if shards else DatasetConfig, cfg.dataset, "dataset")
+    if shards:
+        check_shards(cfg.dataset, cfg.eval_datasets)
+    else:
+        _check_dataset_paths(cfg.dataset, "dataset")
+        for i, eval_set in enumerate(cfg.eval_datasets):
+            _check_path(eval_set.path, f"eval_datasets[{i}].path", "a folder of held-out images with captions")
     _check_video_keys(cfg.dataset, "dataset")
-    for i, eval_set in enumerate(cfg.eval_datasets):
-        _check_path(eval_set.path, f"eval_datasets[{i}].path", "a folder of held-out images with captions")
     _check_schema(AdapterConfig, cfg.adapter, "adapter")
     _check_choice(cfg.adapter.type, ("lora", "none"), "adapter.type", "adapter=lora or adapter=none")
     _check_choice(cfg.export_layout, EXPORT_LAYOUTS, "export_layout", "where LoRA exports are written")
