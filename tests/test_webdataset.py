@@ -1,5 +1,5 @@
 """dataset=webdataset through real training runs: shards written by scripts/make_shards.py from a folder train
-the same LoRA as the folder, share its latent cache keys, and report bad members (and a damaged shard) by name."""
+the same LoRA as the folder, share its cache entries, and report bad members (and a damaged shard) by name."""
 import logging
 import shutil
 import sys
@@ -34,20 +34,22 @@ def test_shards_train_the_same_lora_as_their_folder_and_report_bad_members(make_
     damaged = tmp_path / "damaged.tar"  # cut inside its first member: nothing in it can be trained on
     damaged.write_bytes((tmp_path / "shards" / "shard-000000.tar").read_bytes()[:1000])
 
-    from_folder = run(make_config(*FAST, f"dataset.path={folder}", run_name="folder"))
-    caplog.clear()
     from_shards = run(make_config(*FAST, "dataset=webdataset", shards_override[:-1] + f'::{damaged}"',
-                                  run_name="shards"))
+                                  "dataset.cache_dir=null", run_name="shards"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    shards_cache = tmp_path / "shards" / ".difftrain_cache"  # beside the first shard, as beside a folder
+    from_folder = run(make_config(*FAST, f"dataset.path={folder}", f"dataset.cache_dir={shards_cache}",
+                                  run_name="folder"))
 
     expected, trained = (load_file(r.final_export / LORA) for r in (from_folder, from_shards))
     assert expected.keys() == trained.keys()
     for key in expected:
         assert torch.equal(trained[key], expected[key]), key
-    assert len(from_shards.datamodule.train_set) == 8
-    assert (from_shards.datamodule.encoded_latents, from_shards.datamodule.encoded_captions) == (0, 0), \
-        "the members' latents and captions are the folder's cache entries (keyed by content, not by path)"
+    examples = len(list(EXAMPLE_IMAGES.glob("*.jpg")))
+    assert from_shards.datamodule.encoded_latents == len(from_shards.datamodule.train_set) == examples
+    assert (from_folder.datamodule.encoded_latents, from_folder.datamodule.encoded_captions) == (0, 0), \
+        "the folder's files have the cache entries of the members with their bytes and captions"
 
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     for bad in (f"{tmp_path}/shards/shard-000002.tar/08_corrupt.jpg", f"{tmp_path}/shards/shard-000003.tar/"
                 f"09_uncaptioned.jpg", f"{damaged}: unreadable shard"):
         assert sum(bad in message for message in warnings) == 1, (bad, warnings)
