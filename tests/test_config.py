@@ -169,8 +169,10 @@ def every_config_option() -> list[str]:
 @pytest.mark.parametrize("option", every_config_option())
 def test_every_config_file_composes_and_validates(make_config, option):
     # Stand-ins for what the user must supply: a model folder (model=flux alone asks for model.diffusers_path)
-    # and a dataset folder (dataset=images alone asks for dataset.path).
-    cfg = make_config(option, "model.tiny=true", f"dataset.path={EXAMPLE_IMAGES}")
+    # and a dataset folder (dataset=images alone asks for dataset.path) or shards (remote: not opened here).
+    dataset = "dataset.shards=https://example.com/shard-000000.tar" if option == "dataset=webdataset" else \
+        f"dataset.path={EXAMPLE_IMAGES}"
+    cfg = make_config(option, "model.tiny=true", dataset)
     validate(cfg)
     # validate() checks everything but the Trainer and logger arguments: building them checks those.
     loggers = [instantiate(logger) for logger in (cfg.logger or {}).values()]
