@@ -56,7 +56,7 @@ def test_shards_train_the_same_lora_as_their_folder_and_report_bad_members(make_
 
 
 def test_missing_shards_and_remote_shards_without_a_cache_folder_are_one_error(make_config, tmp_path):
-    with pytest.raises(ConfigError, match=f"shard {tmp_path}/x-000001.tar does not exist"):
+    with pytest.raises(ConfigError, match=f"dataset.shards=.*: shard {tmp_path}/x-000001.tar does not exist"):
         run(make_config("dataset=webdataset", f"dataset.shards='{tmp_path}/x-{{000001..000002}}.tar'"))
     with pytest.raises(ConfigError, match="dataset.cache_dir is not set"):
         run(make_config("dataset=webdataset", "dataset.shards=https://example.com/x.tar", "dataset.cache_dir=null"))

@@ -26,21 +26,22 @@ def default_cache_dir(shards: str) -> Path:
 
 
 def check_shards(dataset: DictConfig, eval_datasets: list) -> None:
-    """Every shard list names shards, the local ones exist, and the cache has a local home."""
+    """Every shard list names shards, the local ones exist, no folder keys are set, and the cache has a home."""
     if dataset.path is not None:
         raise ConfigError(f"dataset.path={dataset.path} names a folder, but dataset=webdataset reads shards: set "
                           f"dataset.shards instead (e.g. {EXAMPLE}), or use dataset=images for a folder.")
-    if dataset.control_path is not None or dataset.control_paths is not None:
-        raise ConfigError("dataset=webdataset reads no control images: unset dataset.control_path and "
-                          "control_paths (edit datasets are folders: dataset=images).")
-    lists = [("dataset.shards", dataset.shards)]
-    lists += [(f"dataset.directories[{i}].path", d.path) for i, d in enumerate(dataset.directories)]
-    lists += [(f"eval_datasets[{i}].path", d.path) for i, d in enumerate(eval_datasets)]
-    for key, shards in lists:
-        missing = [url for url in shard_urls(shards) if is_local(url) and not Path(url).is_file()]
+    entries = [("dataset", "shards", dataset)]  # (where, the key naming its shards, the entry)
+    entries += [(f"dataset.directories[{i}]", "path", d) for i, d in enumerate(dataset.directories)]
+    entries += [(f"eval_datasets[{i}]", "path", d) for i, d in enumerate(eval_datasets)]
+    for where, key, entry in entries:
+        if entry.get("control_path") is not None or entry.get("control_paths") is not None:
+            raise ConfigError(f"dataset=webdataset reads no control images: unset {where}.control_path and "
+                              f"control_paths (edit datasets are folders: dataset=images).")
+        missing = [url for url in shard_urls(entry[key]) if is_local(url) and not Path(url).is_file()]
         if missing:
-            raise ConfigError(f"{key}={shards}: shard {missing[0]} does not exist. Point it at tar shards, e.g. "
-                              f"{EXAMPLE}; scripts/make_shards.py writes them from a folder of captioned images.")
+            raise ConfigError(f"{where}.{key}={entry[key]}: shard {missing[0]} does not exist. Point it at tar "
+                              f"shards, e.g. {EXAMPLE}; scripts/make_shards.py writes them from a folder of "
+                              f"captioned images.")
     if dataset.cache_dir is None and not is_local(shard_urls(dataset.shards)[0]):
         raise ConfigError(f"dataset.cache_dir is not set, and the shards ({dataset.shards}) are not local files: set "
                           f"dataset.cache_dir to a local folder for the unpacked media and the cached latents.")
