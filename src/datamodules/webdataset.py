@@ -62,7 +62,8 @@ def _samples(url: str, skipped: list[SkippedFile]) -> Iterator[dict]:
         yield from wds.tarfile_samples([{"url": url}])
     # tarfile, gzip, the URL's opener (curl, a pipe) and webdataset's grouping raise many exception types.
     except Exception as exc:
-        skipped.append(SkippedFile(Path(url), f"unreadable shard, members after the damage are skipped: {exc}"))
+        reason = exc.args[0] if exc.args else repr(exc)  # webdataset appends the stream and URL to the args
+        skipped.append(SkippedFile(Path(url), f"unreadable shard, members after the damage are skipped: {reason}"))
 
 
 def _sample_items(sample: dict, caption_prefix: str, probes: ProbeIndex, members_root: Path
