@@ -13,7 +13,7 @@ from src.config.errors import ConfigError
 from src.training import run
 from tests.conftest import EXAMPLE_IMAGES
 
-FAST = ("dataset.resolutions=[64]", "trainer.max_steps=2", "checkpoint_every_n_steps=null", "dataset.cache_workers=0")
+FAST = ("dataset.resolutions=[64]", "trainer.max_steps=2", "checkpoint_every_n_steps=null")
 LORA = "pytorch_lora_weights.safetensors"
 
 
