@@ -34,10 +34,15 @@ def test_shards_train_the_same_lora_as_their_folder_and_report_bad_members(make_
     damaged = tmp_path / "damaged.tar"  # cut inside its first member: nothing in it can be trained on
     damaged.write_bytes((tmp_path / "shards" / "shard-000000.tar").read_bytes()[:1000])
 
-    from_shards = run(make_config(*FAST, "dataset=webdataset", shards_override[:-1] + f'::{damaged}"',
-                                  "dataset.cache_dir=null", run_name="shards"))
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    shards = (*FAST, "dataset=webdataset", shards_override[:-1] + f'::{damaged}"', "dataset.cache_dir=null")
     shards_cache = tmp_path / "shards" / ".difftrain_cache"  # beside the first shard, as beside a folder
+    run(make_config(*shards, "dry_run=true", run_name="dry"))
+    examples = len(list(EXAMPLE_IMAGES.glob("*.jpg")))
+    assert f"latents 0 cached, {examples} to encode" in capsys.readouterr().out
+    assert not shards_cache.exists(), "a dry run writes nothing"
+    caplog.clear()
+    from_shards = run(make_config(*shards, run_name="shards"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     from_folder = run(make_config(*FAST, f"dataset.path={folder}", f"dataset.cache_dir={shards_cache}",
                                   run_name="folder"))
 
@@ -45,7 +50,6 @@ def test_shards_train_the_same_lora_as_their_folder_and_report_bad_members(make_
     assert expected.keys() == trained.keys()
     for key in expected:
         assert torch.equal(trained[key], expected[key]), key
-    examples = len(list(EXAMPLE_IMAGES.glob("*.jpg")))
     assert from_shards.datamodule.encoded_latents == len(from_shards.datamodule.train_set) == examples
     assert (from_folder.datamodule.encoded_latents, from_folder.datamodule.encoded_captions) == (0, 0), \
         "the folder's files have the cache entries of the members with their bytes and captions"

@@ -8,6 +8,7 @@ often the shards are read, and from there it is probed, bucketed, cached (the ca
 member's latents are those of the same file in a folder) and trained on exactly as a file of a dataset folder
 (DiffusionDataModule). What cannot be used is reported as <shard>/<member> and skipped."""
 import hashlib
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
@@ -32,9 +33,18 @@ class WebDataModule(DiffusionDataModule):
     def __init__(self, shards: str, path: None = None, cache_dir: Optional[str] = None, **kwargs):
         """`path`: null here (the folders' key, inherited from images.yaml)."""
         super().__init__(path=shards, cache_dir=cache_dir or default_cache_dir(shards), **kwargs)
+        self.members_root = self.cache_root / MEMBERS_FOLDER
+
+    def plan(self, module, fingerprints: tuple[str, str], save_probes: bool = True):
+        """A dry run (`save_probes` false) writes nothing: it unpacks the members into a temporary folder."""
+        if save_probes:
+            return super().plan(module, fingerprints, save_probes)
+        with tempfile.TemporaryDirectory() as members:
+            self.members_root = Path(members)
+            return super().plan(module, fingerprints, save_probes)
 
     def scan_media(self, directory: dict, probes: ProbeIndex) -> ScanResult:
-        return scan_shards(directory["path"], directory["caption_prefix"], probes, self.cache_root / MEMBERS_FOLDER)
+        return scan_shards(directory["path"], directory["caption_prefix"], probes, self.members_root)
 
     def _empty_dataset_message(self) -> str:
         shards = ", ".join(d["path"] for d in self.directories)
