@@ -50,6 +50,14 @@ class DatasetConfig:
 
 
 @dataclass
+class WebDatasetConfig(DatasetConfig):
+    """dataset=webdataset: tar shards instead of folders (src/datamodules/webdataset.py)."""
+
+    _target_: str = "src.datamodules.webdataset.WebDataModule"
+    shards: str = "???"  # paths or URLs as webdataset reads them: brace patterns, '::'-separated lists
+
+
+@dataclass
 class EvalDatasetConfig(DirectoryConfig):
     name: str = "eval"
 

@@ -38,6 +38,7 @@ from .media import (
     ControlFolders,
     MediaItem,
     ProbeIndex,
+    ScanResult,
     SkippedFile,
     crop_geometry,
     load_image,
@@ -238,7 +239,7 @@ class DiffusionDataModule(LightningDataModule):
 
     def _scan(self, directory: dict, probes: ProbeIndex, module) -> dict[MediaItem, list[tuple[int, ...]]]:
         """The folder's usable items (with their controls) and the clips each contributes; reports the rest."""
-        scan = scan_directory(directory["path"], directory["caption_prefix"], probes)
+        scan = self.scan_media(directory, probes)
         controls = ControlFolders(control_folders(directory), probes)
         items = [controls.attach(item) for item in scan.items]
         clips = {item: self._clips(item, directory, module) for item in items if isinstance(item, MediaItem)}
@@ -247,6 +248,10 @@ class DiffusionDataModule(LightningDataModule):
             log.warning("Skipping %s: %s", skip.path, skip.reason)
             self.skipped.append(skip)
         return {item: item_clips for item, item_clips in clips.items() if not isinstance(item_clips, SkippedFile)}
+
+    def scan_media(self, directory: dict, probes: ProbeIndex) -> ScanResult:
+        """The captioned media of the directory's `path` and what cannot be used (webdataset.py reads shards)."""
+        return scan_directory(directory["path"], directory["caption_prefix"], probes)
 
     @staticmethod
     def _clips(item: MediaItem, directory: dict, module) -> list[tuple[int, ...]] | SkippedFile:
