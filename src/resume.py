@@ -97,18 +97,18 @@ def _newest_run_with(settings: dict[str, Any], outputs_root: Path, run_dir: Path
             log.warning("%s", error)
             continue
         stored = checkpoint.get(SETTINGS_KEY)
-        changes = changed_settings(stored, settings) if stored is not None else [SETTINGS_KEY]
-        if not changes:
+        changes = changed_settings(stored, settings) if stored is not None else []
+        if stored is not None and not changes:
             log.info("resume=auto: continuing the run in %s from step %d.", path.parent.parent,
                      checkpoint["global_step"])
             return path
-        mismatches.append((path.parent.parent, changes[0]))
+        mismatches.append(f"{path.parent.parent}, " + (f"differs in {changes[0]}" if changes else
+                                                         "records no settings (an older difftrain)"))
     if not mismatches:
         log.info("resume=auto: no checkpoint under %s; starting fresh.", outputs_root)
     else:
-        run_dir, key = mismatches[0]
-        log.info("resume=auto: none of the %d run(s) with a checkpoint under %s has this run's settings (the newest, "
-                 "%s, differs in %s); starting fresh.", len(candidates), outputs_root, run_dir, key)
+        log.info("resume=auto: none of the %d run(s) with a checkpoint under %s has this run's settings (the newest: "
+                 "%s); starting fresh.", len(mismatches), outputs_root, mismatches[0])
     return None
 
 

@@ -97,4 +97,3 @@ def build_module(cfg: DictConfig, eval_names: tuple[str, ...] = ()) -> Any:
         if isinstance(error.__cause__, ConfigError):
             raise error.__cause__ from None
         raise
-

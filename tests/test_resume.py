@@ -16,7 +16,8 @@ from src.training import run
 from src.utils.checkpoint_io import AtomicCheckpointIO
 from tests.conftest import compose_config
 
-RUN = ("adapter.rank=4", "optimizer.lr=1e-2", "trainer.max_steps=4", "checkpoint_every_n_steps=2")
+RUN = ("adapter.rank=4", "optimizer.lr=1e-2", "trainer.max_steps=4", "checkpoint_every_n_steps=2",
+       "dataset.resolutions=[64]")
 LORA = Path("exports") / "final" / "pytorch_lora_weights.safetensors"
 
 
