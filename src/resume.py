@@ -9,6 +9,7 @@ any model loads, as does a missing, unreadable or malicious checkpoint.
 ResumableRun makes SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) leave a resumable checkpoint."""
 import logging
 import signal
+import zipfile
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Optional
@@ -69,6 +70,8 @@ def resume_checkpoint(cfg: DictConfig) -> Optional[str]:
 def read_checkpoint(path: Path, context: str) -> dict[str, Any]:
     """The checkpoint's contents as data: tensors (memory-mapped, not read), numbers, strings; never pickled code."""
     try:
+        if not zipfile.is_zipfile(path):
+            raise ValueError("not the zip archive torch.save writes")
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # torch raises several types for a file that is not a checkpoint
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
