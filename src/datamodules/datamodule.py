@@ -315,18 +315,20 @@ class DiffusionDataModule(LightningDataModule):
         return len({s.item.path for s in self.train_set.samples}) if self.train_set else 0
 
     def train_dataloader(self) -> ResumableDataLoader:
-        sampler = BucketBatchSampler([s.bucket for s in self.train_set.samples], self.batch_size, self.seed,
-                                     rank=self.trainer.global_rank, world_size=self.trainer.world_size)
-        loader = ResumableDataLoader(self.train_set, batch_sampler=sampler, collate_fn=self._collate(),
-                                     num_workers=self.num_workers)
+        loader = ResumableDataLoader(self.train_set, batch_sampler=self._batch_sampler(self.train_set, shuffle=True),
+                                     collate_fn=self._collate(), num_workers=self.num_workers)
         loader.trainer = self.trainer
         return loader
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [DataLoader(dataset, batch_sampler=BucketBatchSampler(
-                    [s.bucket for s in dataset.samples], self.batch_size, self.seed, rank=self.trainer.global_rank,
-                    world_size=self.trainer.world_size, shuffle=False), collate_fn=self._collate())
-                for dataset in self.eval_sets.values()]
+        return [DataLoader(dataset, batch_sampler=self._batch_sampler(dataset, shuffle=False),
+                           collate_fn=self._collate()) for dataset in self.eval_sets.values()]
+
+    def _batch_sampler(self, dataset: CachedDataset, shuffle: bool) -> BucketBatchSampler:
+        """Batches of one bucket each; repeats of a sample (same latents) count as one item."""
+        return BucketBatchSampler([s.bucket for s in dataset.samples], self.batch_size, self.seed,
+                                  rank=self.trainer.global_rank, world_size=self.trainer.world_size, shuffle=shuffle,
+                                  item_keys=[s.latent_path for s in dataset.samples])
 
     def _collate(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         return partial(collate, collate_text=self.trainer.lightning_module.collate_text)
