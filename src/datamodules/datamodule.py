@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 PROBE_INDEX_NAME = "media_probes.json"  # in the cache root: see media.ProbeIndex
 DIRECTORY_KEYS = ("resolutions", "enable_ar_bucket", "min_ar", "max_ar", "num_ar_buckets", "ar_buckets",
-                  "num_repeats", "caption_prefix", "frame_buckets", "video_clip_mode")
+                  "num_repeats", "caption_prefix", "frame_buckets", "video_clip_mode", "recursive")
 CONTROL_KEYS = ("control_path", "control_paths")  # a folder inherits both or neither (see _with_defaults)
 
 
@@ -160,12 +160,13 @@ class DiffusionDataModule(LightningDataModule):
                  frame_buckets: list = (1,), video_clip_mode: str = "single_beginning",
                  control_path: Optional[str] = None, control_paths: Optional[list[str]] = None, batch_size: int = 1,
                  num_workers: int = 0, cache_dir: Optional[str] = None, cache_workers: int = 1,
-                 eval_datasets: list[dict] = (), seed: int = 42):
+                 eval_datasets: list[dict] = (), seed: int = 42, recursive: bool = True):
         super().__init__()
         defaults = dict(resolutions=resolutions, enable_ar_bucket=enable_ar_bucket, min_ar=min_ar, max_ar=max_ar,
                         num_ar_buckets=num_ar_buckets, ar_buckets=ar_buckets, num_repeats=num_repeats,
                         caption_prefix=caption_prefix, frame_buckets=list(frame_buckets),
-                        video_clip_mode=video_clip_mode, control_path=control_path, control_paths=control_paths)
+                        video_clip_mode=video_clip_mode, control_path=control_path, control_paths=control_paths,
+                        recursive=recursive)
         self.directories = [_with_defaults({"path": path}, defaults)] if path else []
         self.directories += [_with_defaults(d, defaults) for d in directories]
         self.eval_directories = {d["name"]: _with_defaults(d, defaults) for d in eval_datasets}
@@ -211,6 +212,11 @@ class DiffusionDataModule(LightningDataModule):
             raise EmptyDatasetError(self._empty_dataset_message())
         return train, evals
 
+    def _configured_folders(self) -> list[str]:
+        """Every dataset, eval and control folder: a recursive scan leaves out those nested in the one it scans."""
+        directories = [*self.directories, *self.eval_directories.values()]
+        return [folder for d in directories for folder in (d["path"], *control_folders(d))]
+
     def _empty_dataset_message(self) -> str:
         folders = ", ".join(str(d["path"]) for d in self.directories)
         skipped = f" {len(self.skipped)} file(s) were skipped (reasons logged above)." if self.skipped else ""
@@ -238,7 +244,8 @@ class DiffusionDataModule(LightningDataModule):
 
     def _scan(self, directory: dict, probes: ProbeIndex, module) -> dict[MediaItem, list[tuple[int, ...]]]:
         """The folder's usable items (with their controls) and the clips each contributes; reports the rest."""
-        scan = scan_directory(directory["path"], directory["caption_prefix"], probes)
+        scan = scan_directory(directory["path"], directory["caption_prefix"], probes, directory["recursive"],
+                              exclude=self._configured_folders())
         controls = ControlFolders(control_folders(directory), probes)
         items = [controls.attach(item) for item in scan.items]
         clips = {item: self._clips(item, directory, module) for item in items if isinstance(item, MediaItem)}
