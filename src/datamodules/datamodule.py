@@ -33,8 +33,10 @@ from .buckets import (
     frame_buckets_with_image,
     video_frame_bucket,
 )
-from .cache import EmbeddingCache
+from .cache import EmbeddingCache, NonFiniteError
+from .captions import TokenLimit, quiet_truncation
 from .media import (
+    CAPTION_SUFFIX,
     ControlFolders,
     MediaItem,
     ProbeIndex,
@@ -71,6 +73,10 @@ class Sample:
     latent_path: Path
     text_path: Path
     frames: tuple[int, ...] = ()
+
+    @property
+    def caption_path(self) -> Path:
+        return self.item.path.with_suffix(CAPTION_SUFFIX)
 
     @property
     def bucket(self) -> tuple[int, int, int, int]:
@@ -192,6 +198,9 @@ class DiffusionDataModule(LightningDataModule):
         module = self.trainer.lightning_module
         train, evals = self.plan(module, module.cache_fingerprints())
         self._fill_cache([s for samples in (train, *evals.values()) for s in samples], module)
+        train, evals = self._cached(train), {name: self._cached(samples) for name, samples in evals.items()}
+        if not train:
+            raise EmptyDatasetError(self._empty_dataset_message())
         self.train_set = CachedDataset(train)
         self.eval_sets = {name: CachedDataset(samples) for name, samples in evals.items()}
 
@@ -250,10 +259,13 @@ class DiffusionDataModule(LightningDataModule):
         items = [controls.attach(item) for item in scan.items]
         clips = {item: self._clips(item, directory, module) for item in items if isinstance(item, MediaItem)}
         skipped = scan.skipped + [s for s in [*items, *clips.values()] if isinstance(s, SkippedFile)]
+        self._report(skipped)
+        return {item: item_clips for item, item_clips in clips.items() if not isinstance(item_clips, SkippedFile)}
+
+    def _report(self, skipped: list[SkippedFile]) -> None:
         for skip in sorted(skipped, key=lambda s: s.path):
             log.warning("Skipping %s: %s", skip.path, skip.reason)
             self.skipped.append(skip)
-        return {item: item_clips for item, item_clips in clips.items() if not isinstance(item_clips, SkippedFile)}
 
     @staticmethod
     def _clips(item: MediaItem, directory: dict, module) -> list[tuple[int, ...]] | SkippedFile:
@@ -277,11 +289,13 @@ class DiffusionDataModule(LightningDataModule):
         return [tuple(timeline[start:start + length]) for start in starts]
 
     def _fill_cache(self, samples: list[Sample], module) -> None:
-        """Encodes what the cache lacks. Rank r encodes every world_size-th missing item; all ranks then wait."""
+        """Encodes what the cache lacks (or holds unusable). Rank r encodes every world_size-th missing item once
+        all ranks have checked the cache; all ranks then wait."""
         strategy = self.trainer.strategy
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        missing_latents = _unique(s for s in samples if not EmbeddingCache.has(s.latent_path))
-        missing_text = _unique_by_text(s for s in samples if not EmbeddingCache.has(s.text_path))
+        missing_latents = [s for s in _unique(samples) if _needs_encoding(s.latent_path, s.item.path)]
+        missing_text = [s for s in _unique_by_text(samples) if _needs_encoding(s.text_path, s.caption_path)]
+        strategy.barrier("cache checked")
         mine_latents, mine_text = missing_latents[rank::world], missing_text[rank::world]
         if mine_latents or mine_text:
             encoders = module.load_cache_encoders().to(strategy.root_device)
@@ -302,15 +316,28 @@ class DiffusionDataModule(LightningDataModule):
             with_controls = {"controls": controls.unsqueeze(0)} if len(controls) else {}
             encoded = encoders.encode_images(pixels.unsqueeze(0), **with_controls)
             tensors = {k: v[0] for k, v in encoded.items()} if isinstance(encoded, dict) else {"latents": encoded[0]}
-            EmbeddingCache.write(samples[index].latent_path, tensors)
+            _write_if_finite(samples[index].latent_path, tensors)
 
     def _encode_captions(self, samples: list[Sample], encoders, with_images: bool, batch_size: int = 16) -> None:
         """`with_images`: the text encoders also see each item's controls (None for an item without)."""
+        limit = TokenLimit.of(encoders)
         for start in tqdm(range(0, len(samples), batch_size), desc="Caching text", unit="batch"):
             chunk = samples[start:start + batch_size]
             images = {"images": [s.load_controls() if s.item.controls else None for s in chunk]} if with_images else {}
-            for sample, tensors in zip(chunk, encoders.encode_captions([s.item.caption for s in chunk], **images)):
-                EmbeddingCache.write(sample.text_path, tensors)
+            captions = [limit.fit(s.item.caption, s.caption_path) if limit else s.item.caption for s in chunk]
+            with quiet_truncation():
+                encoded = encoders.encode_captions(captions, **images)
+            for sample, tensors in zip(chunk, encoded):
+                _write_if_finite(sample.text_path, tensors)
+
+    def _cached(self, samples: list[Sample]) -> list[Sample]:
+        """The samples whose latents and text are cached; the others' came out of the encoders with NaN or infinite
+        values (so they were not written) and are reported."""
+        uncached = {s for s in set(samples)
+                    if not (EmbeddingCache.has(s.latent_path) and EmbeddingCache.has(s.text_path))}
+        self._report([SkippedFile(path, "encoding it (or its caption) gave NaN or infinite values, so nothing was "
+                                        "cached") for path in {s.item.path for s in uncached}])
+        return [s for s in samples if s not in uncached]
 
     def trained_sizes(self) -> list[str]:
         """The sizes the training buckets hold, most used first (see size_labels)."""
@@ -392,6 +419,21 @@ def control_folders(directory: dict) -> tuple[str, ...]:
     if several is not None:
         return tuple(map(str, several))
     return () if single is None else (str(single),)
+
+
+def _needs_encoding(entry: Path, source: Path) -> bool:
+    """Whether the cache entry of `source` (a media or caption file) is missing or unusable (then said, once)."""
+    problem = EmbeddingCache.problem(entry)
+    if problem not in (None, "missing"):
+        log.warning("The cache entry of %s (%s) %s: encoding it again.", source, entry, problem)
+    return problem is not None
+
+
+def _write_if_finite(entry: Path, tensors: dict[str, torch.Tensor]) -> None:
+    try:
+        EmbeddingCache.write(entry, tensors)
+    except NonFiniteError:
+        pass  # nothing written: the item is reported and left out once caching is done (see _cached)
 
 
 def _unique(samples) -> list[Sample]:
