@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from diffusers import DiffusionPipeline
 from transformers import PreTrainedTokenizerBase
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 log = logging.getLogger(__name__)
 
@@ -23,36 +24,48 @@ CUT_AFTER_KEPT_TOKENS = 2
 
 @dataclass(frozen=True)
 class TokenLimit:
-    """The tokenizer of the family's text encoder that reads the most tokens, and how many that is."""
+    """The tokenizers of a family's text encoders and how many tokens of a caption each keeps."""
 
-    tokenizer: PreTrainedTokenizerBase
-    max_tokens: int
+    tokenizers: tuple[PreTrainedTokenizerBase, ...]
+    limits: tuple[int, ...]
+
+    @property
+    def max_tokens(self) -> int:
+        return max(self.limits)
 
     @classmethod
     def of(cls, encoders: Any) -> Optional["TokenLimit"]:
         """The limit of a family's cache encoders: their tokenizers (attributes, in a tuple, or a pipeline's
-        components), each reading up to its model_max_length and the encoders' max_sequence_length if they have
-        one. None without a tokenizer."""
+        components), each reading up to its model_max_length, or the encoders' max_sequence_length if that is
+        less. None without a tokenizer."""
+        tokenizers = tuple(_tokenizers(encoders))
         sequence_limit = getattr(encoders, "max_sequence_length", math.inf)
-        limits = [cls(tokenizer, min(tokenizer.model_max_length, sequence_limit))
-                  for tokenizer in _tokenizers(encoders)]
-        return max(limits, key=lambda limit: limit.max_tokens, default=None)
+        limits = tuple(min(tokenizer.model_max_length, sequence_limit) for tokenizer in tokenizers)
+        return cls(tokenizers, limits) if tokenizers else None
 
     def fit(self, caption: str, caption_path: Path) -> str:
         """The caption to hand the encoders: itself, or, if it has more tokens than they keep, cut well after those
         (warning once, with its path and token counts)."""
-        specials = self.tokenizer.num_special_tokens_to_add()
+        specials = max(tokenizer.num_special_tokens_to_add() for tokenizer in self.tokenizers)
         # No tokenizer makes more tokens of a text than its UTF-8 bytes (+ 1, SentencePiece's word-start marker).
         if len(caption.encode()) + 1 + specials <= self.max_tokens:
             return caption
-        encoding = self.tokenizer(caption, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        count = len(encoding.input_ids) + specials
+        encodings = [tokenizer(caption, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+                     for tokenizer in self.tokenizers]
+        main = self.limits.index(self.max_tokens)  # the tokenizer of the encoder that reads the most
+        count = len(encodings[main].input_ids) + self.tokenizers[main].num_special_tokens_to_add()
         if count <= self.max_tokens:
             return caption
         log.warning("Caption %s has %d tokens; the text encoder keeps the first %d (%d dropped).", caption_path,
                     count, self.max_tokens, count - self.max_tokens)
-        last_token = min(len(encoding.input_ids), CUT_AFTER_KEPT_TOKENS * self.max_tokens) - 1
-        return caption[:encoding.offset_mapping[last_token][1]]
+        return caption[:max(self._cut(tokenizer, encoding) for tokenizer, encoding in zip(self.tokenizers, encodings))]
+
+    def _cut(self, tokenizer: PreTrainedTokenizerBase, encoding) -> int:
+        """Where a caption may end for `tokenizer` to see the tokens it keeps unchanged: well after the most any
+        encoder keeps, and after its own model_max_length (a CLIP tokenizer's, when max_sequence_length is less)."""
+        own_limit = tokenizer.model_max_length if tokenizer.model_max_length < VERY_LARGE_INTEGER else 0
+        last = min(len(encoding.input_ids), CUT_AFTER_KEPT_TOKENS * max(self.max_tokens, own_limit)) - 1
+        return encoding.offset_mapping[last][1]
 
 
 def _tokenizers(encoders: Any) -> list[PreTrainedTokenizerBase]:
