@@ -3,7 +3,6 @@ it need not, 16-bit PNGs, unusable cache entries, huge captions, and what a fold
 import logging
 import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy
@@ -17,21 +16,13 @@ from src.datamodules.buckets import BucketBatchSampler
 from src.datamodules.cache import EmbeddingCache, NonFiniteError
 from src.datamodules.media import load_image, scan_directory
 from src.dry_run import dry_run
-from src.modules.flux import FluxModule
+from src.modules.flux import FluxEncoders, FluxModule
 from src.training import run
-from tests.conftest import EXAMPLE_IMAGES
+from tests.test_conformance import CrashAtStep, SimulatedCrash
+from tests.test_dataset_pipeline import EXAMPLES, copy_examples
 
-EXAMPLES = sorted(EXAMPLE_IMAGES.glob("*.jpg"))
 ONE_BUCKET = ("dataset.resolutions=[64]", "dataset.enable_ar_bucket=false")
 LORA_FILE = "pytorch_lora_weights.safetensors"
-
-
-def copy_examples(folder: Path, images: list[Path]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for image in images:
-        shutil.copy(image, folder)
-        shutil.copy(image.with_suffix(".txt"), folder)
-    return folder
 
 
 class BatchLog(Callback):
@@ -48,15 +39,6 @@ class BatchLog(Callback):
         self.batches[self.run].append((trainer.current_epoch, items))
 
 
-class CrashAtStep(Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError(f"simulated crash at step {self.step}")
-
-
 def test_epochs_reshuffle_and_a_run_resumed_in_epoch_2_ends_like_the_uninterrupted_one(make_config, tmp_path):
     # 2 items x 2 repeats in batches of 2: 2 batches an epoch; a checkpoint at step 5 (epoch 2, mid-way).
     data = copy_examples(tmp_path / "data", EXAMPLES[:2])
@@ -68,8 +50,8 @@ def test_epochs_reshuffle_and_a_run_resumed_in_epoch_2_ends_like_the_uninterrupt
         return run(make_config(*common, log, *overrides, run_name=name))
 
     uninterrupted = train("uninterrupted")
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train("crashed", f"+callbacks.crash={{_target_:{__name__}.CrashAtStep,step:5}}")
+    with pytest.raises(SimulatedCrash):
+        train("crashed", f"+callbacks.crash={{_target_:{CrashAtStep.__module__}.CrashAtStep,step:5}}")
     resumed = train("resumed", f"resume={tmp_path / 'crashed'}")
 
     batches = BatchLog.batches["uninterrupted"]
@@ -160,27 +142,18 @@ def test_a_cache_entry_with_nan_is_neither_written_nor_read(tmp_path):
         EmbeddingCache.read(entry)
 
 
-class NaNLatentsOfWhiteImages:
+class NaNLatentsOfWhiteImages(FluxEncoders):
     """Flux's real cache encoders, but an all-white image's latents come out NaN (as an overflowing VAE's would)."""
 
-    def __init__(self, flux):
-        self.flux = flux
-
-    def to(self, device: torch.device) -> "NaNLatentsOfWhiteImages":
-        self.flux.to(device)
-        return self
-
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        latents = self.flux.encode_images(pixels)
+        latents = super().encode_images(pixels)
         return torch.full_like(latents, float("nan")) if pixels.min() > 0.99 else latents
-
-    def encode_captions(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
-        return self.flux.encode_captions(captions)
 
 
 class FluxWithNaNLatentsOfWhiteImages(FluxModule):
     def load_cache_encoders(self) -> NaNLatentsOfWhiteImages:
-        return NaNLatentsOfWhiteImages(super().load_cache_encoders())
+        encoders = super().load_cache_encoders()
+        return NaNLatentsOfWhiteImages(encoders.pipe, encoders.max_sequence_length)
 
 
 def test_huge_caption_is_warned_once_and_bad_cache_entries_are_encoded_again_or_skipped(make_config, tmp_path,
