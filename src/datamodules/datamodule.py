@@ -1,7 +1,7 @@
 """The bucketed, cached LightningDataModule shared by every family.
 
-setup() scans the media folders (reporting bad files once and skipping them; a file verified on an earlier run and
-unchanged since is not decoded again, see media.ProbeIndex), assigns every item to its aspect-ratio bucket at every
+setup() scans the media folders and their subfolders (reporting bad files once and skipping them; a file verified
+on an earlier run and unchanged since is not decoded again, see media.ProbeIndex), assigns every item to its aspect-ratio bucket at every
 resolution (and every video clip to its frame bucket, after resampling the video to the model's framerate), makes
 sure each item has cached latents and text embeddings (loading the family's encoders only if something is missing,
 splitting the work across ranks), then frees the encoders.

@@ -10,11 +10,11 @@ import errno
 import json
 import math
 import os
-import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 from typing import Optional
 
 import av
@@ -149,9 +149,9 @@ def _not_a_file(path: Path) -> Optional[str]:
         if path.is_symlink():
             return f"a broken symbolic link (its target {os.readlink(path)} does not exist)"
         return "missing"
-    if stat.S_ISREG(mode):
+    if S_ISREG(mode):
         return None
-    return "a folder" if stat.S_ISDIR(mode) else "a special file (FIFO, socket or device)"
+    return "a folder" if S_ISDIR(mode) else "a special file (FIFO, socket or device)"
 
 
 def _probe_file(path: Path, probe_index: Optional["ProbeIndex"]) -> Probe | str:
