@@ -1,10 +1,10 @@
 """The bucketed, cached LightningDataModule shared by every family.
 
 setup() scans the media folders and their subfolders (reporting bad files once and skipping them; a file verified
-on an earlier run and unchanged since is not decoded again, see media.ProbeIndex), assigns every item to its aspect-ratio bucket at every
-resolution (and every video clip to its frame bucket, after resampling the video to the model's framerate), makes
-sure each item has cached latents and text embeddings (loading the family's encoders only if something is missing,
-splitting the work across ranks), then frees the encoders.
+on an earlier run and unchanged since is not decoded again, see media.ProbeIndex), assigns every item to its
+aspect-ratio bucket at every resolution (and every video clip to its frame bucket, after resampling the video to the
+model's framerate), makes sure each item has cached latents and text embeddings (loading the family's encoders only
+if something is missing, splitting the work across ranks), then frees the encoders.
 Edit datasets: a folder's `control_path` (or `control_paths`) names folders of control images with the targets'
 stems; each control is cropped to its target's bucket size and encoded with it (CacheEncoders.encode_images).
 Batches come from one (width, height, frames, controls) bucket each, in a reproducible shuffled order, sharded by
