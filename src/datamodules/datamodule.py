@@ -40,6 +40,7 @@ from .media import (
     ControlFolders,
     MediaItem,
     ProbeIndex,
+    ScanResult,
     SkippedFile,
     crop_geometry,
     load_image,
@@ -253,8 +254,7 @@ class DiffusionDataModule(LightningDataModule):
 
     def _scan(self, directory: dict, probes: ProbeIndex, module) -> dict[MediaItem, list[tuple[int, ...]]]:
         """The folder's usable items (with their controls) and the clips each contributes; reports the rest."""
-        scan = scan_directory(directory["path"], directory["caption_prefix"], probes, directory["recursive"],
-                              exclude=self._configured_folders())
+        scan = self.scan_media(directory, probes)
         controls = ControlFolders(control_folders(directory), probes)
         items = [controls.attach(item) for item in scan.items]
         clips = {item: self._clips(item, directory, module) for item in items if isinstance(item, MediaItem)}
@@ -266,6 +266,11 @@ class DiffusionDataModule(LightningDataModule):
         for skip in sorted(skipped, key=lambda s: s.path):
             log.warning("Skipping %s: %s", skip.path, skip.reason)
             self.skipped.append(skip)
+
+    def scan_media(self, directory: dict, probes: ProbeIndex) -> ScanResult:
+        """The captioned media of the directory's `path` and what cannot be used (webdataset.py reads shards)."""
+        return scan_directory(directory["path"], directory["caption_prefix"], probes, directory["recursive"],
+                              exclude=self._configured_folders())
 
     @staticmethod
     def _clips(item: MediaItem, directory: dict, module) -> list[tuple[int, ...]] | SkippedFile:
