@@ -18,8 +18,21 @@ from src.datamodules.media import load_image, scan_directory
 from src.dry_run import dry_run
 from src.modules.flux import FluxEncoders, FluxModule
 from src.training import run
-from tests.test_conformance import CrashAtStep, SimulatedCrash
 from tests.test_dataset_pipeline import EXAMPLES, copy_examples
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+class CrashAtStep(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise SimulatedCrash(f"crash at step {self.step}")
+
 
 ONE_BUCKET = ("dataset.resolutions=[64]", "dataset.enable_ar_bucket=false")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -51,7 +64,7 @@ def test_epochs_reshuffle_and_a_run_resumed_in_epoch_2_ends_like_the_uninterrupt
 
     uninterrupted = train("uninterrupted")
     with pytest.raises(SimulatedCrash):
-        train("crashed", f"+callbacks.crash={{_target_:{CrashAtStep.__module__}.CrashAtStep,step:5}}")
+        train("crashed", f"+callbacks.crash={{_target_:{__name__}.CrashAtStep,step:5}}")
     resumed = train("resumed", f"resume={tmp_path / 'crashed'}")
 
     batches = BatchLog.batches["uninterrupted"]
