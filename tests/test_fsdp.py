@@ -86,10 +86,14 @@ def test_fsdp_two_processes_shards_every_weight_matches_ddp_and_resumes_exactly(
 
 @pytest.fixture
 def single_process_group():
-    """FSDP in this process builds a one-process group; later tests must not find it."""
+    """FSDP in this process builds a one-process group; later tests must find neither it nor the MASTER_PORT &
+    co. Lightning set for it (a later DDP launch would inherit the port the group still holds)."""
+    environment = dict(os.environ)
     yield
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 def lora_weights(result) -> dict[str, torch.Tensor]:
