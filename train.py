@@ -8,13 +8,14 @@ from omegaconf import DictConfig
 import src.config  # noqa: F401  (registers the ${project_root:} resolver)
 from src.config.validate import ConfigError
 from src.training import TrainingRun, run
-from src.utils.sweep_jobs import single_run_command
+from src.utils.sweep_jobs import require_objective, single_run_command
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> Optional[float]:
     """Returns the eval loss: the objective a sweeper minimises (`hparams_search=lora_optuna`)."""
     try:
+        require_objective(cfg)
         with single_run_command():
             result = run(cfg)
     except ConfigError as error:  # the user's to fix: the message alone, no traceback

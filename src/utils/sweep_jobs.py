@@ -3,7 +3,8 @@
 Lightning's subprocess launcher (DDP on one machine) starts the other ranks with this process's command line plus
 `hydra.run.dir=<hydra.run.dir>`. In a sweep job that command line is the whole sweep (`-m` and every swept value)
 and hydra.run.dir is not the job's folder, so each rank would launch the sweep again. Within `single_run_command()`
-the job looks like what it is: a single run of its own overrides in its own folder."""
+the job looks like what it is: a single run of its own overrides in its own folder. A sweeper that minimises what
+train.py returns (Optuna) gets the eval loss, so it needs eval_datasets (`require_objective`)."""
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,7 +12,17 @@ from contextlib import contextmanager
 import torch.distributed
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import read_write
+from omegaconf import DictConfig, read_write
+
+from src.config.errors import ConfigError
+
+
+def require_objective(cfg: DictConfig) -> None:
+    if not HydraConfig.initialized() or cfg.eval_datasets:
+        return
+    if "optuna" in HydraConfig.get().sweeper.get("_target_", "").lower():
+        raise ConfigError("the Optuna sweeper (hparams_search=lora_optuna) minimises the eval loss: set "
+                          "eval_datasets='[{name: heldout, path: /data/eval}]' (and evaluate at the last step).")
 
 
 @contextmanager
