@@ -9,7 +9,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch.distributed
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, read_write
@@ -39,5 +38,7 @@ def single_run_command() -> Iterator[None]:
         yield
     finally:
         sys.argv = sweep_command  # the next job's name is read from the sweep's command line
+        import torch.distributed  # here, not at the top: train.py reports config errors before importing torch
+
         if torch.distributed.is_initialized():  # the next job starts its own process group
             torch.distributed.destroy_process_group()
