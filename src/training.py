@@ -109,9 +109,9 @@ def resolve_resume(resume: Optional[str], outputs_root: Path, run_dir: Path) -> 
         log.info("resume=auto: continuing from %s", newest)
         return str(newest)
     path = Path(resume)
-    if path.is_dir():
+    if path.is_dir() and path.suffix != ".ckpt":  # a sharded checkpoint (trainer=fsdp) is a .ckpt folder
         path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"resume={resume}: no checkpoint at {path}. Pass a .ckpt file, a run directory "
                                 f"containing checkpoints/last.ckpt, or resume=auto.")
     return str(path)

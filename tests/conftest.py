@@ -1,6 +1,13 @@
 """Shared fixtures: configs composed exactly as train.py composes them, runs in temporary folders, and tiny
 models built once per session into a temporary cache (so CI always exercises the builders)."""
 import os
+
+# One math thread per process: the tiny models gain nothing from more, and on a busy machine (or with two DDP
+# processes on two cores) spinning OpenMP threads made every step several times slower. Set before torch loads;
+# subprocesses (train.py runs, DDP ranks) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 from pathlib import Path
 
 import pytest

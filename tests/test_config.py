@@ -67,6 +67,28 @@ MISTAKES = {
     "required path of a test file family": ([*LEAF[:1], "model.tiny=false", f"model.diffusers_path={ROOT}"],
                                             ["model.leaf_path is not set. Point it at the leaf weights "
                                              "(model.leaf_path=/models/leaf.safetensors), or use model.tiny=true"]),
+    "added key with a typo": (["+model.diffuser_path=/x"], ["Did you mean 'model.diffusers_path'?"]),
+    "negative learning rate": (["optimizer.lr=-1e-4"], ["optimizer.lr=-0.0001 is out of range", ">= 0"]),
+    "rank 0": (["adapter.rank=0"], ["adapter.rank=0 is out of range", ">= 1"]),
+    "dropout above 1": (["adapter.dropout=1.5"], ["adapter.dropout=1.5 is out of range", "between 0 and 1"]),
+    "resolution 0": (["dataset.resolutions=[0]"], ["dataset.resolutions[0]=0 is not a resolution", "[width, height]"]),
+    "resolution of a directory": ([f"dataset.directories=[{{path: '{EXAMPLE_IMAGES}', resolutions: [[512, 0]]}}]"],
+                                  ["dataset.directories[0].resolutions[0]=[512, 0] is not a resolution"]),
+    "dataset path that is a file": ([f"dataset.path={EXAMPLE_IMAGES / '00_red_circle.jpg'}"],
+                                    ["00_red_circle.jpg is a file. It should be a folder of images"]),
+    "batch size 0": (["dataset.batch_size=0"], ["dataset.batch_size=0 is out of range"]),
+    "scheduler name typo": (["scheduler.name=cosin"], ["scheduler.name=cosin is not valid", "constant, linear, cosine"]),
+    "negative warmup": (["scheduler.warmup_steps=-10"], ["scheduler.warmup_steps=-10 is out of range"]),
+    "adapter dtype float64": (["adapter.dtype=float64"],
+                              ["adapter.dtype=float64 is not valid", "float32, bfloat16, float16"]),
+    "trainer key not a number": (["trainer.max_steps=ten"], ["trainer.max_steps='ten'", "expected int"]),
+    "negative max_epochs": (["trainer.max_epochs=-5"], ["trainer.max_epochs=-5 is out of range", "-1: no limit"]),
+    "negative devices": (["trainer.devices=-2"], ["trainer.devices=-2 is not valid", "-1 (all of them)"]),
+    "trainer key typo": (["+trainer.max_step=3"], ["'trainer.max_step'", "Did you mean 'trainer.max_steps'?"]),
+    "trainer class typo": (["trainer._target_=lightning.Trainr"], ["trainer._target_=lightning.Trainr is not a class"]),
+    **{f"negative {key}": ([f"{key}=-1"], [f"{key}=-1 is out of range: use a number >= 1, or null"])
+       for key in ("checkpoint_every_n_steps", "save_every_n_steps", "save_every_n_epochs", "eval_every_n_steps",
+                   "sample_every_n_steps")},
 }
 
 
@@ -82,6 +104,11 @@ def test_mistake_is_one_message_naming_the_key_and_the_fix(make_config, override
     with pytest.raises(ConfigError) as error:
         validate(make_config(*overrides))
     assert_one_message(error.value, expected)
+
+
+def test_edge_values_that_work_pass(make_config):
+    validate(make_config("optimizer.lr=0", "trainer.devices=-1", "trainer.max_steps=-1", "keep_last_n_exports=0",
+                         "adapter.dropout=1", "dataset.resolutions=[[768, 512], 64]", "checkpoint_every_n_steps=null"))
 
 
 def test_typo_in_an_experiment_file_is_reported(make_config, tmp_path):
@@ -124,22 +151,37 @@ def run_train_py(*overrides: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("mistake", ["misspelled key", "empty dataset folder", "family constructor check"])
+def assert_error_without_traceback(result: subprocess.CompletedProcess, first_line: str) -> list[str]:
+    """The stderr lines of a run that failed with `first_line` as its last line and no traceback."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(first_line), result.stderr[-2000:]
+    return lines
+
+
+@pytest.mark.parametrize("mistake", ["empty dataset folder", "family constructor check"])
 def test_train_py_prints_one_message_without_traceback(tmp_path, mistake):
     empty = tmp_path / "empty"
     empty.mkdir()
     overrides, first_line = {
-        "misspelled key": (["+model.flux_shfit=true"],
-                           "Error: Unknown config key 'model.flux_shfit'. Did you mean 'model.flux_shift'?"),
         "empty dataset folder": ([f"dataset.path={empty}"],
                                  f"Error: The dataset is empty: no usable image with a caption in {empty}."),
         "family constructor check": (["model=wan22_low_i2v", "model.tiny=true", f"model.clip_path={ROOT}"],
                                      f"Error: model.clip_path={ROOT} would be ignored"),
     }[mistake]
-    result = run_train_py(*overrides, f"hydra.run.dir={tmp_path / 'run'}")
-    assert result.returncode != 0
-    assert "Traceback" not in result.stdout + result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(first_line), result.stderr[-2000:]
+    assert_error_without_traceback(run_train_py(*overrides, f"hydra.run.dir={tmp_path / 'run'}"), first_line)
+
+
+@pytest.mark.parametrize("override, first_line", [
+    ("+model.flux_shfit=true", "Error: Unknown config key 'model.flux_shfit'. Did you mean 'model.flux_shift'?"),
+    # Hydra refuses to override a key the config does not have, before validation runs.
+    ("model.diffuser_path=/x", "Error: Unknown config key 'model.diffuser_path'. Did you mean 'model.diffusers_path'?"),
+    ("adapter.rank=0", "Error: adapter.rank=0 is out of range"),
+], ids=["misspelled key", "command-line typo", "out of range"])
+def test_config_mistake_is_the_only_line_train_py_prints(tmp_path, override, first_line):
+    result = run_train_py(override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert len(assert_error_without_traceback(result, first_line)) == 1, result.stderr[-2000:]
 
 
 VALIDATE_AND_LIST_HEAVY_MODULES = """

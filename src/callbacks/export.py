@@ -56,9 +56,10 @@ class ExportCallback(Callback):
         """The export folder (absent when only the flat file is kept); `suffix`: the flat file's, '' when final."""
         target = self.exports_dir / folder
         flat = module.is_lora and self.layout != "folders"
+        weights = module.export_weights(self.save_dtype)  # on every rank: FSDP gathers the shards
         if trainer.is_global_zero:
             with atomic_directory(target) as tmp:
-                module.export(tmp, self.save_dtype)
+                module.write_export(weights, tmp)
                 (tmp / "config.yaml").write_text(self.resolved_config)
                 if flat:
                     copy_file(lora_file(tmp), self.flat_file(suffix))

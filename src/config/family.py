@@ -4,13 +4,15 @@ annotations and defaults become the keys, their types and rules. A constructor t
 to its base class, whose keys are read the same way, down to `DiffusionModule.__init__`.
 
 So a family declares each key once, in its constructor: `Literal[...]` gives the choices, `Annotated[..., ModelPath(...)]`
-or `Annotated[..., Choices(...)]` (src/config/keys.py) the path checks and the words of the messages."""
+or `Annotated[..., Choices(...)]` (src/config/keys.py) the path checks and the words of the messages. The trainer
+group's keys are read the same way from Lightning's `Trainer.__init__`."""
 import ast
 import dataclasses
 import importlib.util
 import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
+from importlib.machinery import PathFinder
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
@@ -45,24 +47,30 @@ def model_keys(target: Optional[str]) -> dict[str, Key]:
     """The config keys of the family class `target` ("package.module.Class"), base class keys first."""
     if not target:
         raise ConfigError("model._target_ is not set. Name the family class, e.g. src.modules.flux.FluxModule.")
+    return constructor_keys(target, "model._target_", SUPPLIED_BY_TRAINER)
+
+
+def constructor_keys(target: str, key: str, supplied: tuple[str, ...]) -> dict[str, Key]:
+    """The keyword parameters of class `target`'s constructor but the `supplied` ones; `key` names the config key
+    that holds `target` in errors."""
     module, _, name = target.rpartition(".")
     cls = _find_class(module, name) if module else None
     if cls is None:
         reason = f"{module} has no class {name}" if _source_path(module) else f"no module {module or name} found"
-        raise ConfigError(f"model._target_={target} is not a family class: {reason}. Check the spelling.")
+        raise ConfigError(f"{key}={target} is not a class: {reason}. Check the spelling.")
     found: dict[str, Key] = {}
     for source in reversed(_constructor_chain(cls, target)):
         for parameter in source.parameters:
-            if parameter.arg not in SUPPLIED_BY_TRAINER:
+            if parameter.arg not in supplied:
                 found[parameter.arg] = source.key(parameter, found.get(parameter.arg))
     return found
 
 
-def model_schema(keys: dict[str, Key]) -> type:
+def keys_schema(keys: dict[str, Key]) -> type:
     """The OmegaConf structured dataclass of these keys (types and defaults; choices and paths are checked apart)."""
     fields = [("_target_", str, field(default="???"))]
     fields += [(key.name, storage_type(key.annotation), _field(key.default)) for key in keys.values()]
-    return dataclasses.make_dataclass("ModelConfig", fields)
+    return dataclasses.make_dataclass("KeysConfig", fields)
 
 
 def storage_type(annotation: Any) -> Any:
@@ -102,7 +110,10 @@ def choices(annotation: Any) -> Optional[tuple]:
 
 def _union(types: tuple) -> Any:
     distinct = tuple(dict.fromkeys(types))  # in order, so Literal[False, True, "offload"] is Union[bool, str]
-    return distinct[0] if len(distinct) == 1 else Union[distinct]
+    if len(distinct) == 1:
+        return distinct[0]
+    # OmegaConf unions hold plain values only: a union with a list (devices: list[int] | str | int) is stored as Any.
+    return Union[distinct] if all(t in STORABLE or t is type(None) for t in distinct) else Any
 
 
 def _field(default: Any) -> Any:
@@ -211,10 +222,15 @@ def _parse(module: str) -> Optional[ast.Module]:
 
 
 def _source_path(module: str) -> Optional[str]:
+    """The module's source file, found without importing it or its packages (lightning's would be heavy)."""
+    top, *parts = module.split(".")
     try:
-        spec = importlib.util.find_spec(module)
+        spec = importlib.util.find_spec(top)
     except (ImportError, ValueError):
         return None
+    for part in parts:
+        spec = PathFinder.find_spec(f"{spec.name}.{part}", spec.submodule_search_locations) \
+            if spec and spec.submodule_search_locations else None
     origin = spec.origin if spec else None
     return origin if origin and origin.endswith(".py") else None
 

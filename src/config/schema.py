@@ -97,3 +97,43 @@ class RootConfig:
 GROUPS = ("model", "dataset", "adapter", "optimizer", "scheduler", "trainer", "logger", "experiment")
 VIDEO_CLIP_MODES = ("single_beginning", "single_middle", "multiple_overlapping")
 EXPORT_LAYOUTS = ("folders", "flat", "both")
+ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a key accepts: from `low` (excluded when `above`) to `high`; `note` explains a special value."""
+
+    low: float
+    high: float = float("inf")
+    above: bool = False
+    note: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        return (value > self.low if self.above else value >= self.low) and value <= self.high
+
+    def __str__(self) -> str:
+        if self.high != float("inf"):
+            return f"between {self.low:g} and {self.high:g}"
+        return f"{'>' if self.above else '>='} {self.low:g}"
+
+
+# The numbers each key accepts, by group ("" for the top level; dataset directory and eval entries share the
+# dataset's). A key that may be null is also valid null.
+AT_LEAST_1, AT_LEAST_0, POSITIVE = Range(1), Range(0), Range(0, above=True)
+RANGES = {
+    "": {"save_every_n_steps": AT_LEAST_1, "save_every_n_epochs": AT_LEAST_1, "checkpoint_every_n_steps": AT_LEAST_1,
+         "keep_last_n_exports": AT_LEAST_0, "eval_every_n_steps": AT_LEAST_1, "eval_every_n_epochs": AT_LEAST_1,
+         "sample_every_n_steps": AT_LEAST_1, "sample_every_n_epochs": AT_LEAST_1, "sample_steps": AT_LEAST_1},
+    "dataset": {"min_ar": POSITIVE, "max_ar": POSITIVE, "num_ar_buckets": AT_LEAST_1, "num_repeats": AT_LEAST_1,
+                "batch_size": AT_LEAST_1, "num_workers": AT_LEAST_0, "cache_workers": AT_LEAST_1},
+    "adapter": {"rank": AT_LEAST_1, "alpha": POSITIVE, "dropout": Range(0, 1)},
+    "optimizer": {"lr": AT_LEAST_0},
+    "scheduler": {"warmup_steps": AT_LEAST_0, "min_lr": AT_LEAST_0},
+    "trainer": {"num_nodes": AT_LEAST_1, "max_epochs": Range(-1, note="-1: no limit"),
+                "max_steps": Range(-1, note="-1: no limit"), "accumulate_grad_batches": AT_LEAST_1,
+                "gradient_clip_val": AT_LEAST_0, "log_every_n_steps": AT_LEAST_1},
+}
+# lightning.Trainer arguments that the trainer sets itself (from callbacks, logger and eval_every_n_*), never the config.
+TRAINER_SUPPLIED = ("callbacks", "logger", "plugins", "val_check_interval", "check_val_every_n_epoch",
+                    "limit_val_batches")

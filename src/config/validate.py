@@ -4,44 +4,63 @@ import difflib
 import importlib
 import inspect
 import re
+from collections.abc import Mapping
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin
+from typing import Any, Optional, Union, get_args, get_origin
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
 from .errors import ConfigError
-from .family import Key, choices, marker, model_keys, model_schema
+from .family import Key, choices, constructor_keys, keys_schema, marker, model_keys
 from .keys import Choices, ModelPath
 from .samples import sample_requests
-from .schema import EXPORT_LAYOUTS, GROUPS, VIDEO_CLIP_MODES, AdapterConfig, DatasetConfig, RootConfig
+from .schema import (
+    ADAPTER_DTYPES,
+    EXPORT_LAYOUTS,
+    GROUPS,
+    RANGES,
+    TRAINER_SUPPLIED,
+    VIDEO_CLIP_MODES,
+    AdapterConfig,
+    DatasetConfig,
+    Range,
+    RootConfig,
+)
+from .strategy import check_strategy
 
-__all__ = ["ConfigError", "validate", "validate_model"]
+__all__ = ["ConfigError", "unknown_key_error", "validate", "validate_model"]
 
 # Arguments of optimizer / scheduler targets that the trainer passes itself, never the config.
 SUPPLIED_BY_TRAINER = {"optimizer": ("params",), "scheduler": ("optimizer", "total_steps")}
 # Optimizer keys our module handles itself rather than passing to the optimizer class.
 OPTIMIZER_OPTIONS = ("gradient_release",)
+# The groups whose keys a schema of schema.py declares ("" for the top level).
+SCHEMAS = {"": RootConfig, "dataset": DatasetConfig, "adapter": AdapterConfig}
 
 
 def validate(cfg: DictConfig) -> None:
     root = {k: v for k, v in cfg.items() if k not in GROUPS and k != "hydra"}
     _check_schema(RootConfig, OmegaConf.create(root), "")
+    _check_resolution(cfg.sample_size, "sample_size")
     model = _check_model(cfg.model, cfg.adapter)
     _check_schema(DatasetConfig, cfg.dataset, "dataset")
     _check_dataset_paths(cfg.dataset, "dataset")
-    _check_video_keys(cfg.dataset, "dataset")
     for i, eval_set in enumerate(cfg.eval_datasets):
-        _check_path(eval_set.path, f"eval_datasets[{i}].path", "a folder of held-out images with captions")
-    _check_schema(AdapterConfig, cfg.adapter, "adapter")
-    _check_choice(cfg.adapter.type, ("lora", "none"), "adapter.type", "adapter=lora or adapter=none")
+        _check_path(eval_set.path, f"eval_datasets[{i}].path", "a folder of held-out images with captions", folder=True)
+    _check_dataset_entries(cfg)
+    adapter = _check_schema(AdapterConfig, cfg.adapter, "adapter")
+    _check_choice(adapter.type, ("lora", "none"), "adapter.type", "adapter=lora or adapter=none")
+    _check_choice(adapter.dtype, ADAPTER_DTYPES, "adapter.dtype", "the dtype of the LoRA weights")
     _check_choice(cfg.export_layout, EXPORT_LAYOUTS, "export_layout", "where LoRA exports are written")
     for group in ("optimizer", "scheduler"):
         _check_callable_kwargs(cfg[group], group)
+    _check_trainer(cfg.trainer)
     if cfg.optimizer.get("gradient_release"):
         _check_gradient_release(cfg.trainer)
     _check_block_swap(model.blocks_to_swap, cfg.adapter, cfg.trainer)
+    check_strategy(cfg)
     if cfg.save_every_n_steps is None and cfg.save_every_n_epochs is None:
         raise ConfigError("Nothing would be exported: set save_every_n_steps or save_every_n_epochs.")
     sample_requests(cfg)
@@ -50,6 +69,37 @@ def validate(cfg: DictConfig) -> None:
 def validate_model(model: DictConfig, adapter_type: str = "none") -> None:
     """The model group alone, for commands that compose no dataset or trainer (scripts/sample.py)."""
     _check_model(model, OmegaConf.create({"type": adapter_type}))
+
+
+def unknown_key_error(node: DictConfig, full_key: str) -> ConfigError:
+    """The error for a command-line override of a key that `node` (the group it names) does not have: Hydra refuses
+    it before validate() runs, so train.py asks here for the message an unknown key in a config file gets."""
+    where, _, key = full_key.rpartition(".")
+    return ConfigError(_unknown_key_message(key, _known_keys(node, where), where))
+
+
+def _known_keys(node: DictConfig, where: str) -> list[str]:
+    if where in SCHEMAS:
+        return [f.name for f in fields(SCHEMAS[where])]
+    if where == "model":
+        return list(model_keys(node.get("_target_")))
+    if where == "trainer":
+        return list(_trainer_keys(node))
+    known = _callable_keys(_target_parameters(node, where), where) if where in SUPPLIED_BY_TRAINER else None
+    return known if known is not None else list(node.keys())  # other nodes (logger.*, callbacks): the keys they have
+
+
+def _check_trainer(trainer: DictConfig) -> None:
+    """lightning.Trainer's keyword arguments (read from its source, see family.py), their types and ranges."""
+    trainer = _check_schema(keys_schema(_trainer_keys(trainer)), trainer, "trainer")
+    devices = trainer.devices
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices < 1 and devices != -1:
+        raise ConfigError(f"trainer.devices={devices} is not valid. Use a number of devices >= 1, -1 (all of them), "
+                          f"auto, or a list of device indices ([0, 1]).")
+
+
+def _trainer_keys(trainer: DictConfig) -> dict[str, Key]:
+    return constructor_keys(trainer.get("_target_", "lightning.Trainer"), "trainer._target_", TRAINER_SUPPLIED)
 
 
 def _check_gradient_release(trainer: DictConfig) -> None:
@@ -77,9 +127,10 @@ def _single_process(trainer: DictConfig) -> bool:
     return trainer.get("devices", 1) in (1, "1") and trainer.get("num_nodes", 1) == 1
 
 
-def _check_schema(schema: type, node: DictConfig, where: str) -> DictConfig:
-    """Unknown keys first (entries of lists such as dataset.directories before their list), then types and
-    required keys. Returns the node with the schema's defaults filled in."""
+def _check_schema(schema: type, node: DictConfig, where: str, ranges: Optional[dict[str, Range]] = None) -> DictConfig:
+    """Unknown keys first (entries of lists such as dataset.directories before their list), then types, required
+    keys and ranges (by default the group's, from schema.RANGES). Returns the node with the schema's defaults filled
+    in."""
     types = {f.name: f.type for f in fields(schema)}
     for key in node.keys():
         if key not in types:
@@ -94,15 +145,28 @@ def _check_schema(schema: type, node: DictConfig, where: str) -> DictConfig:
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(f"{_join(where, missing[0])} is required but not set.")
+    _check_ranges(merged, RANGES.get(where, {}) if ranges is None else ranges, types, where)
     return merged
 
 
 def _check_entries(schema: type, entries: list, where: str) -> None:
+    """The entries of a list (dataset.directories, eval_datasets): each a dataset folder, with the dataset's ranges."""
     for i, entry in enumerate(entries):
         if not OmegaConf.is_dict(entry):
             keys = ", ".join(f.name for f in fields(schema))
             raise ConfigError(f"{where}[{i}]={entry!r} should be a mapping with some of the keys: {keys}.")
-        _check_schema(schema, entry, f"{where}[{i}]")
+        _check_schema(schema, entry, f"{where}[{i}]", RANGES["dataset"])
+
+
+def _check_ranges(node: DictConfig, ranges: dict[str, Range], types: dict[str, Any], where: str) -> None:
+    for key, allowed in ranges.items():
+        value = node.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value not in allowed:
+            null = ", or null" if type(None) in get_args(types.get(key)) else ""
+            note = f" ({allowed.note})" if allowed.note else ""
+            raise ConfigError(f"{_join(where, key)}={value} is out of range: use a number {allowed}{null}{note}.")
 
 
 def _entry_lists(types: dict[str, Any]) -> dict[str, type]:
@@ -132,8 +196,9 @@ def _type_name(annotation: Any) -> str:
 def _unknown_key_message(key: str, known: list[str], where: str) -> str:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" Did you mean '{_join(where, close[0])}'?" if close else ""
-    return (f"Unknown config key '{_join(where, key)}'.{hint} "
-            f"Valid keys{' of ' + where if where else ''}: {', '.join(k for k in known if k != '_target_')}.")
+    valid = ", ".join(k for k in known if k != "_target_")
+    listing = f"Valid keys{' of ' + where if where else ''}: {valid}." if valid else f"{where} has no keys."
+    return f"Unknown config key '{_join(where, key)}'.{hint} {listing}"
 
 
 def _join(where: str, key: str) -> str:
@@ -144,7 +209,7 @@ def _check_model(model: DictConfig, adapter: DictConfig) -> DictConfig:
     """The keys, types, choices and paths its family's constructor declares (family.py), then the shared rules.
     Returns the model config with the constructor's defaults filled in."""
     keys = model_keys(model.get("_target_"))
-    model = _check_schema(model_schema(keys), model, "model")
+    model = _check_schema(keys_schema(keys), model, "model")
     for key in keys.values():
         _check_model_key(key, model)
     if not 0.0 <= model.min_t < model.max_t <= 1.0:
@@ -175,21 +240,40 @@ def _check_dataset_paths(dataset: DictConfig, where: str) -> None:
         raise ConfigError(f"{where}.path is not set. Point it at a folder of images with captions "
                           f"({where}.path=/data/mine) or list folders in {where}.directories.")
     if dataset.path is not None:
-        _check_path(dataset.path, f"{where}.path", "a folder of images with captions")
+        _check_path(dataset.path, f"{where}.path", "a folder of images with captions", folder=True)
     for i, directory in enumerate(dataset.directories):
-        _check_path(directory.path, f"{where}.directories[{i}].path", "a folder of images with captions")
+        _check_path(directory.path, f"{where}.directories[{i}].path", "a folder of images with captions", folder=True)
 
 
-def _check_video_keys(dataset: DictConfig, where: str) -> None:
-    entries = [(where, dataset)] + [(f"{where}.directories[{i}]", d) for i, d in enumerate(dataset.directories)]
-    for key, entry in entries:
+def _check_dataset_entries(cfg: DictConfig) -> None:
+    """The keys the dataset, each of its directories and each eval dataset set alike."""
+    entries = [("dataset", cfg.dataset)] + [(f"dataset.directories[{i}]", d) for i, d in enumerate(cfg.dataset.directories)]
+    entries += [(f"eval_datasets[{i}]", d) for i, d in enumerate(cfg.eval_datasets)]
+    for where, entry in entries:
         if entry.get("video_clip_mode") is not None:
-            _check_choice(entry.video_clip_mode, VIDEO_CLIP_MODES, f"{key}.video_clip_mode", "how clips are cut from videos")
+            _check_choice(entry.video_clip_mode, VIDEO_CLIP_MODES, f"{where}.video_clip_mode", "how clips are cut from videos")
+        for i, resolution in enumerate(entry.get("resolutions") or ()):
+            _check_resolution(resolution, f"{where}.resolutions[{i}]")
 
 
-def _check_path(path: str, key: str, what: str) -> None:
+def _check_resolution(resolution: Any, key: str) -> None:
+    """A side length (512: 512x512 pixels) or [width, height]; None is the default."""
+    sides = list(resolution) if OmegaConf.is_list(resolution) else [resolution]
+    if resolution is None or (len(sides) in (1, 2) and all(_is_count(side) for side in sides)):
+        return
+    raise ConfigError(f"{key}={resolution} is not a resolution. Use a side length in pixels (512) or [width, height] "
+                      f"([768, 512]), each > 0.")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_path(path: str, key: str, what: str, folder: bool = False) -> None:
     if not Path(path).exists():
         raise ConfigError(f"{key}={path} does not exist. It should be {what}.")
+    if folder and not Path(path).is_dir():
+        raise ConfigError(f"{key}={path} is a file. It should be {what}.")
 
 
 def _check_choice(value, allowed, key: str, what: str, listed: str = "") -> None:
@@ -199,15 +283,29 @@ def _check_choice(value, allowed, key: str, what: str, listed: str = "") -> None
 
 
 def _check_callable_kwargs(node: DictConfig, group: str) -> None:
-    """Optimizer and scheduler keys are the keyword arguments of their `_target_`."""
-    target = _import_target(node._target_, f"{group}._target_")
-    params = inspect.signature(target).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    known = [name for name in params if name not in SUPPLIED_BY_TRAINER[group]]
+    """Optimizer and scheduler keys are the keyword arguments of their `_target_`: known, in range and, for a
+    `Literal` argument, one of its values."""
+    params = _target_parameters(node, group)
+    known = _callable_keys(params, group)
     for key in node.keys():
-        if not key.startswith("_") and key not in known and key not in OPTIMIZER_OPTIONS:
+        if known is not None and not key.startswith("_") and key not in known and key not in OPTIMIZER_OPTIONS:
             raise ConfigError(_unknown_key_message(key, known, group))
+    _check_ranges(node, RANGES[group], {}, group)
+    for key in node.keys():
+        allowed = choices(params[key].annotation) if key in params else None
+        if allowed is not None:
+            _check_choice(node[key], allowed, _join(group, key), "")
+
+
+def _target_parameters(node: DictConfig, group: str) -> Mapping[str, inspect.Parameter]:
+    return inspect.signature(_import_target(node._target_, f"{group}._target_")).parameters
+
+
+def _callable_keys(params: Mapping[str, inspect.Parameter], group: str) -> Optional[list[str]]:
+    """The parameters of the group's `_target_` that the config may set; None when it takes **kwargs."""
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return [name for name in params if name not in SUPPLIED_BY_TRAINER[group]]
 
 
 def _import_target(path: str, key: str) -> Any:

@@ -14,7 +14,6 @@ from accelerate import init_empty_weights
 from diffusers.hooks import apply_layerwise_casting
 from hydra.utils import instantiate
 from lightning import LightningModule
-from lightning.pytorch.utilities import grad_norm
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -22,6 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from src.config.keys import Choices
 from src.config.validate import ConfigError
 from src.optim.gradient_release import GradientReleaseOptimizer
+from src.parallel.fsdp import gathered_state_dict, shard_parts, whole_tensor
 from src.tiny import tiny_model
 
 from .block_swap import BlockSwap
@@ -271,6 +271,9 @@ class DiffusionModule(LightningModule, ABC):
             self.text_encoders[name] = self._prepare_part(name, encoder)
         for name, encoder in self.load_loop_encoders().items():
             self.loop_encoders[name] = encoder.requires_grad_(False).eval()
+        if self.device_mesh is not None:  # trainer=fsdp
+            shard_parts(self.model_parts(), self.checkpointed_blocks(), self.device_mesh["data_parallel"],
+                        self.compute_dtype)
 
     def blocks(self) -> list[torch.nn.Module]:
         """The denoiser's transformer blocks in the order they run (block swap); empty where the family lists
@@ -391,9 +394,9 @@ class DiffusionModule(LightningModule, ABC):
         self.log(f"{name}/loss", torch.stack(losses).mean(), add_dataloader_idx=False, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        norms = grad_norm(self, norm_type=2)
-        if norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", whole_tensor(torch.nn.utils.get_total_norm(grads)))
 
     def configure_optimizers(self):
         lrs = self.part_learning_rates()
@@ -427,13 +430,20 @@ class DiffusionModule(LightningModule, ABC):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def export(self, out_dir: Path, save_dtype: Optional[str] = None) -> None:
+        self.write_export(self.export_weights(save_dtype), out_dir)
+
+    def export_weights(self, save_dtype: Optional[str] = None) -> dict[str, torch.Tensor]:
+        """What `write_export` writes: the LoRA, or every part's weights, in `save_dtype`. Under FSDP every rank
+        must call it (the shards are gathered) and only rank 0 gets the weights."""
         dtype = DTYPES[save_dtype] if save_dtype else None
         if self.is_lora:
-            self.export_lora(self.lora_state_dict(dtype), out_dir)
-        else:
-            state = {_part_prefix(name) + key: tensor for name, part in self.model_parts().items()
-                     for key, tensor in part.state_dict().items()}
-            self.export_full({k: v.to(dtype) if dtype else v for k, v in state.items()}, out_dir)
+            return self.lora_state_dict(dtype)
+        state = {_part_prefix(name) + key: tensor for name, part in self.model_parts().items()
+                 for key, tensor in gathered_state_dict(part).items()}
+        return {k: v.to(dtype) if dtype else v for k, v in state.items()}
+
+    def write_export(self, weights: dict[str, torch.Tensor], out_dir: Path) -> None:
+        (self.export_lora if self.is_lora else self.export_full)(weights, out_dir)
 
     @abstractmethod
     def base_model(self) -> str:
@@ -466,7 +476,8 @@ class DiffusionModule(LightningModule, ABC):
         for name, part in self.model_parts().items():
             if not any(isinstance(m, BaseTunerLayer) for m in part.modules()):
                 continue  # a frozen part
-            for key, tensor in get_peft_model_state_dict(part, adapter_name="default").items():
+            weights = gathered_state_dict(part, trainable_only=True)
+            for key, tensor in get_peft_model_state_dict(part, weights, adapter_name="default").items():
                 tensor = tensor.detach() * scale if ".lora_B." in key else tensor.detach()
                 out[_part_prefix(name) + key] = tensor.to(dtype or tensor.dtype).contiguous()
         return out

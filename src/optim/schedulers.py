@@ -1,13 +1,15 @@
 """Learning-rate schedules: constant, linear (to 0) or cosine (to min_lr), each after a linear warmup."""
 import math
+from typing import Literal, get_args
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-SCHEDULES = ("constant", "linear", "cosine")
+Schedule = Literal["constant", "linear", "cosine"]
+SCHEDULES = get_args(Schedule)
 
 
-def build_scheduler(optimizer: Optimizer, total_steps: int, name: str = "constant", warmup_steps: int = 0,
+def build_scheduler(optimizer: Optimizer, total_steps: int, name: Schedule = "constant", warmup_steps: int = 0,
                     min_lr: float = 0.0) -> LambdaLR:
     if name not in SCHEDULES:
         raise ValueError(f"scheduler.name={name} is not one of {', '.join(SCHEDULES)}")
