@@ -1,5 +1,5 @@
-"""Two ranks on CPU (gloo), launched by the real command line, two ways: a Hydra sweep job on a fresh machine (empty
-tiny-model and latent caches) whose second rank Lightning starts, and two "nodes" (two launches of train.py with
+"""Two ranks on CPU (gloo), launched by the real command line, two ways: a Hydra sweep of two jobs on a fresh machine
+(empty tiny-model and latent caches) whose second ranks Lightning starts, and two "nodes" (two launches of train.py with
 NODE_RANK 0 and 1 on 127.0.0.1, one process each) reading the cache the first run filled. Caching is split across
 ranks, each sweep job starts once, one export is written, previews are rendered once, and both launches train the
 same weights. Tiny SDXL: the family whose tiny model, built inside a process group, was incomplete (issue 13)."""
@@ -19,7 +19,7 @@ from tests.conftest import ROOT
 
 ENCODED = re.compile(r"Cache: encoded (\d+) latent\(s\) and (\d+) caption\(s\)")
 LORA = Path("exports/final/lora.safetensors")
-SAME_RUN = ["model=sdxl_tiny", "trainer.strategy=ddp", "trainer.accelerator=cpu", "trainer.max_steps=2", "dataset.resolutions=[64]",
+SAME_RUN = ["model=sdxl_tiny", "trainer.strategy=ddp", "trainer.accelerator=cpu", "dataset.resolutions=[64]",
             "logger=none", "sample_prompts=[a red square,a blue circle]", "sample_every_n_steps=1",
             "sample_before_first_step=true", "sample_steps=2"]
 
@@ -54,18 +54,20 @@ def free_port() -> int:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     cache = f"dataset.cache_dir={root / 'cache'}"
-    sweep_output = finish(start("trainer.devices=2", f"hydra.sweep.dir={root / 'sweep'}", cache,
-                                multirun=True, **{CACHE_ENV: str(root / "empty-tiny-cache")}))[0]
+    sweep_output = finish(start("trainer.devices=2", "trainer.max_steps=2,1", f"hydra.sweep.dir={root / 'sweep'}",
+                                cache, multirun=True, **{CACHE_ENV: str(root / "empty-tiny-cache")}))[0]
     nodes = root / "nodes"
     node_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    finish(*(start("trainer.num_nodes=2", "trainer.devices=1", f"hydra.run.dir={nodes}", cache,
+    finish(*(start("trainer.num_nodes=2", "trainer.devices=1", "trainer.max_steps=2", f"hydra.run.dir={nodes}", cache,
                    f"hydra.job.name=node{rank}", "hydra.output_subdir=null", NODE_RANK=str(rank), **node_env)
              for rank in (0, 1)))
-    return {"sweep_output": sweep_output, "ddp": root / "sweep" / "0", "nodes": nodes}
+    return {"sweep_output": sweep_output, "ddp": root / "sweep" / "max_steps=2",
+            "second_job": root / "sweep" / "max_steps=1", "nodes": nodes}
 
 
-def test_a_ddp_sweep_job_on_a_fresh_machine_starts_once_and_splits_caching(runs):
-    assert runs["sweep_output"].count("Launching 1 jobs") == 1  # the second rank did not launch the sweep again
+def test_ddp_sweep_jobs_on_a_fresh_machine_start_once_and_split_caching(runs):
+    assert runs["sweep_output"].count("Launching 2 jobs") == 1  # no second rank launched the sweep again
+    assert (runs["second_job"] / LORA).is_file() and (runs["second_job"] / "train_ddp_process_1.log").is_file()
     per_rank = [encoded_counts(runs["ddp"] / "train.log"), encoded_counts(runs["ddp"] / "train_ddp_process_1.log")]
     assert all(latents > 0 for latents, _ in per_rank), per_rank  # both ranks shared the work
     assert sum(latents for latents, _ in per_rank) == 8  # the 8 example images, each encoded once
