@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from src.datamodules.buckets import padding
 from src.datamodules.datamodule import Sample
 from src.tiny import without_building
 
@@ -35,8 +36,10 @@ def dry_run(cfg: DictConfig) -> str:
         train, evals = datamodule.plan(module, fingerprints, save_probes=False)
         memory = weight_memory_line(module)
     world = _world_size(cfg.trainer)
-    lines = [f"Dry run of {module.family_name} (no model loaded)", *bucket_table(train, cfg.dataset.batch_size * world)]
-    lines += schedule_lines(cfg.trainer, cfg.dataset.batch_size, world, _batches(train, cfg.dataset.batch_size * world))
+    global_batch = cfg.dataset.batch_size * world
+    lines = [f"Dry run of {module.family_name} (no model loaded)", *bucket_table(train, global_batch),
+             padding_line(train, global_batch)]
+    lines += schedule_lines(cfg.trainer, cfg.dataset.batch_size, world, _batches(train, global_batch))
     lines += [f"Eval set {name}: {len(samples)} samples" for name, samples in evals.items()]
     lines += cache_lines(datamodule.cache_root / module.cache_name, [s for ss in (train, *evals.values()) for s in ss],
                          unknown_cache)
@@ -53,10 +56,15 @@ def cache_fingerprints(module) -> tuple[tuple[str, str], str]:
         return ("unknown", "unknown"), str(error)
 
 
-def bucket_table(samples: list[Sample], global_batch: int) -> list[str]:
+def _by_bucket(samples: list[Sample]) -> dict[tuple, list[Sample]]:
     by_bucket = defaultdict(list)
     for sample in samples:
         by_bucket[sample.bucket].append(sample)
+    return by_bucket
+
+
+def bucket_table(samples: list[Sample], global_batch: int) -> list[str]:
+    by_bucket = _by_bucket(samples)
     items = len({s.item.path for s in samples})
     rows = [f"Dataset: {items} items, {len(samples)} samples (repeats included), {len(by_bucket)} bucket(s)",
             f"  {'bucket WxH':>12} {'frames':>6} {'controls':>8} {'items':>6} {'repeats':>7} {'samples':>7} "
@@ -66,6 +74,18 @@ def bucket_table(samples: list[Sample], global_batch: int) -> list[str]:
         rows.append(f"  {f'{width}x{height}':>12} {frames:>6} {controls:>8} {distinct:>6} {len(bucket) / distinct:>7g} "
                     f"{len(bucket):>7} {math.ceil(len(bucket) / global_batch):>7}")
     return rows
+
+
+def padding_line(samples: list[Sample], global_batch: int) -> str:
+    """How many samples repeat to fill whole batches (BucketBatchSampler's padding), and in how many buckets a
+    batch must hold a sample twice."""
+    buckets = _by_bucket(samples).values()
+    repeated = sum(padding(len(bucket), global_batch) for bucket in buckets)
+    too_few = sum(len({s.latent_path for s in bucket}) < global_batch for bucket in buckets)
+    line = f"Padding: {repeated} sample(s) repeated to fill whole batches of {global_batch}"
+    if too_few:
+        line += f"; {too_few} bucket(s) hold fewer than {global_batch} distinct samples, so their batches repeat some"
+    return line
 
 
 def _batches(samples: list[Sample], global_batch: int) -> int:

@@ -31,17 +31,19 @@ def run(cfg: DictConfig) -> Optional[TrainingRun]:
     import lightning as L  # heavy imports only after the config is known to be good
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from src.callbacks.export import ExportCallback
     from src.callbacks.previews import PreviewCallback
     from src.dashboards import finish_loggers, log_config
+    from src.resume import ResumableRun, prepare_run_dir, resume_checkpoint
     from src.utils.checkpoint_io import AtomicCheckpointIO
 
+    ckpt_path = resume_checkpoint(cfg)  # before any model loads: a resume that cannot work fails in seconds
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(resolved)
+    prepare_run_dir(run_dir, resolved)
 
     datamodule = instantiate(cfg.dataset, eval_datasets=cfg.eval_datasets, seed=cfg.seed, _convert_="all")
     module = build_module(cfg, datamodule.eval_names)
@@ -49,26 +51,28 @@ def run(cfg: DictConfig) -> Optional[TrainingRun]:
     exporter = ExportCallback(str(run_dir), resolved, cfg.save_every_n_steps, cfg.save_every_n_epochs, cfg.save_dtype,
                               cfg.export_name, cfg.export_layout, cfg.keep_last_n_exports)
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps,
-                                  save_last=True, save_top_k=1)
-    callbacks = [exporter, checkpoints, PreviewCallback.from_config(cfg),
+                                  save_last=True, save_top_k=1, enable_version_counter=False)
+    resumable = ResumableRun(cfg, run_dir / "checkpoints" / "last.ckpt")
+    callbacks = [exporter, checkpoints, resumable, PreviewCallback.from_config(cfg),
                  *(instantiate(c) for c in cfg.callbacks.values())]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
     log_config(loggers, cfg)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
                           **_eval_schedule(cfg))
 
-    ckpt_path = resolve_resume(cfg.resume, Path(cfg.outputs_root), run_dir)
     if cfg.eval_datasets and cfg.eval_before_first_step and ckpt_path is None:
         trainer.validate(module, datamodule=datamodule)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # SIGTERM or Ctrl-C: checkpoint written
+        raise SystemExit(resumable.exit_status) from None
     finally:
         finish_loggers(loggers)
     if datamodule.skipped:
         log.warning("%d file(s) were skipped (reasons logged above).", len(datamodule.skipped))
-    final = run_dir / "exports" / "final"
-    log.info("Final export: %s", final)
-    return TrainingRun(final, module, datamodule, trainer)
+    if exporter.final is not None:
+        log.info("Final export: %s", exporter.final)
+    return TrainingRun(run_dir / "exports" / "final", module, datamodule, trainer)
 
 
 def _eval_schedule(cfg: DictConfig) -> dict:
@@ -94,24 +98,3 @@ def build_module(cfg: DictConfig, eval_names: tuple[str, ...] = ()) -> Any:
         if isinstance(error.__cause__, ConfigError):
             raise error.__cause__ from None
         raise
-
-
-def resolve_resume(resume: Optional[str], outputs_root: Path, run_dir: Path) -> Optional[str]:
-    """null -> fresh; 'auto' -> the newest last.ckpt of an earlier run (fresh if none); else a file or run dir."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        candidates = [p for p in outputs_root.rglob("checkpoints/last.ckpt") if run_dir not in p.parents]
-        if not candidates:
-            log.info("resume=auto: no earlier checkpoint under %s, starting fresh.", outputs_root)
-            return None
-        newest = max(candidates, key=lambda p: p.stat().st_mtime)
-        log.info("resume=auto: continuing from %s", newest)
-        return str(newest)
-    path = Path(resume)
-    if path.is_dir() and path.suffix != ".ckpt":  # a sharded checkpoint (trainer=fsdp) is a .ckpt folder
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.exists():
-        raise FileNotFoundError(f"resume={resume}: no checkpoint at {path}. Pass a .ckpt file, a run directory "
-                                f"containing checkpoints/last.ckpt, or resume=auto.")
-    return str(path)

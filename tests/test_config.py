@@ -6,6 +6,7 @@ import sys
 from typing import Annotated, Literal, Optional
 
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from src.config.family import model_keys
@@ -211,8 +212,14 @@ def every_config_option() -> list[str]:
 @pytest.mark.parametrize("option", every_config_option())
 def test_every_config_file_composes_and_validates(make_config, option):
     # Stand-ins for what the user must supply: a model folder (model=flux alone asks for model.diffusers_path)
-    # and a dataset folder (dataset=images alone asks for dataset.path).
-    cfg = make_config(option, "model.tiny=true", f"dataset.path={EXAMPLE_IMAGES}")
+    # and a dataset folder (dataset=images alone asks for dataset.path) or shards (remote: not opened here).
+    dataset = "dataset.shards=https://example.com/shard-000000.tar" if option == "dataset=webdataset" else \
+        f"dataset.path={EXAMPLE_IMAGES}"
+    cfg = make_config(option, "model.tiny=true", dataset)
+    if option == "trainer=deepspeed" and not torch.cuda.is_available():  # what it says here: tests/test_fsdp.py
+        with pytest.raises(ConfigError, match="CUDA GPUs only"):
+            validate(cfg)
+        return
     validate(cfg)
     # validate() checks everything but the Trainer and logger arguments: building them checks those.
     loggers = [instantiate(logger) for logger in (cfg.logger or {}).values()]

@@ -3,12 +3,14 @@ one line in FAMILIES; its own test file keeps only what is special to it.
 
 Per family: a tiny LoRA run whose export, loaded by the real consumer into the untrained base model read from
 disk, reproduces our trained denoiser to 1e-5 with every trained LoRA module loaded; a preview rendered through
-the family's inference hook; a run killed mid-way and resumed ends with the uninterrupted run's LoRA. Where the
+the family's inference hook; a run continued from a mid-run checkpoint ends with the uninterrupted run's LoRA. Where the
 seed offers them: a full fine-tune whose export loads back through the family's own loading key bit-identically,
 and an fp8 base that keeps the LoRA and the family's keep-list in high precision. Every LoRA file records its run
 in its metadata, and the denoiser skeleton the dry run measures has the loaded denoiser's shapes."""
 import re
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -68,14 +70,31 @@ def families(having: str = "") -> list[str]:
     return [name for name, family in FAMILIES.items() if not having or getattr(family, having)]
 
 
+class KeepMidRunCheckpoint(Callback):
+    """Copies the checkpoint written at `step` (last.ckpt until the next one) to checkpoints/step<N>.ckpt."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            last = trainer.checkpoint_callback.last_model_path
+            shutil.copyfile(last, Path(last).with_name(f"step{self.step}.ckpt"))
+
+
+KEEP_STEP_2 = f"+callbacks.keep={{_target_:{__name__}.KeepMidRunCheckpoint,step:2}}"
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-    """One LoRA run per family, shared by the tests that inspect it (and the reference of the resume test)."""
+    """One LoRA run per family, shared by the tests that inspect it (and the reference of the resume test, which
+    continues from its step-2 checkpoint)."""
     runs = {}
 
     def get(name: str):
         if name not in runs:
-            runs[name] = run(compose_config(tmp_path_factory.mktemp(name) / "run", *FAMILIES[name].overrides, *LORA))
+            runs[name] = run(compose_config(tmp_path_factory.mktemp(name) / "run", *FAMILIES[name].overrides, *LORA,
+                                            KEEP_STEP_2))
         return runs[name]
     return get
 
@@ -124,31 +143,17 @@ def test_preview_renders_through_the_inference_hook(name, lora_run):
     assert images.std() > 0, "a blank preview"
 
 
-class SimulatedCrash(RuntimeError):
-    pass
-
-
-class CrashAtStep(Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            raise SimulatedCrash(f"crash at step {self.step}")
-
-
 @pytest.mark.parametrize("name", families())
 def test_resumed_run_ends_with_the_same_lora(name, lora_run, tmp_path):
-    """Killed after the step-2 checkpoint (warmup + cosine lr): weights, optimizer, scheduler, step and data
-    position must all come back for the LoRA to match the uninterrupted run's."""
-    overrides = (*FAMILIES[name].overrides, *LORA)
-    crash = f"+callbacks.crash={{_target_:{__name__}.CrashAtStep,step:2}}"
-    with pytest.raises(SimulatedCrash):
-        run(compose_config(tmp_path / "crashed", *overrides, crash))
-    resumed = run(compose_config(tmp_path / "resumed", *overrides, "resume=auto"))
+    """Continued from the step-2 checkpoint of the shared run (warmup + cosine lr): weights, optimizer, scheduler,
+    step and data position must all come back for the LoRA to match the uninterrupted run's. (Killed processes
+    resuming by resume=auto: tests/test_faults.py.)"""
+    reference = lora_run(name)
+    checkpoint = reference.final_export.parents[1] / "checkpoints" / "step2.ckpt"
+    resumed = run(compose_config(tmp_path / "resumed", *FAMILIES[name].overrides, *LORA, f"resume='{checkpoint}'"))
     assert resumed.trainer.global_step == 4
     lora_file = FAMILIES[name].lora_file
-    expected = load_file(lora_run(name).final_export / lora_file)
+    expected = load_file(reference.final_export / lora_file)
     actual = load_file(resumed.final_export / lora_file)
     assert expected.keys() == actual.keys()
     for key in expected:

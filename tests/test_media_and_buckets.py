@@ -60,8 +60,8 @@ def dataset_dir(tmp_path: Path) -> Path:
     (tmp_path / "h_orphan.txt").write_text("no image", encoding="utf-8")
     (tmp_path / "notes.md").write_text("ignored", encoding="utf-8")
     (tmp_path / ".hidden.jpg").write_bytes(b"")
-    (tmp_path / "cache").mkdir()
-    Image.new("RGB", (8, 8), BLUE).save(tmp_path / "cache" / "nested.jpg")
+    (tmp_path / ".cache").mkdir()  # hidden folders are not scanned
+    Image.new("RGB", (8, 8), BLUE).save(tmp_path / ".cache" / "nested.jpg")
     return tmp_path
 
 

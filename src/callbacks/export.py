@@ -36,6 +36,7 @@ class ExportCallback(Callback):
         self.layout = layout
         self.keep_last_n = keep_last_n
         self._last_step_exported = -1
+        self.final: Optional[Path] = None  # the final export, once written
 
     def on_train_batch_end(self, trainer: Trainer, module: LightningModule, *args) -> None:
         step = trainer.global_step
@@ -50,7 +51,15 @@ class ExportCallback(Callback):
             self.export(trainer, module, f"epoch{epoch}", f"_epoch{epoch:04d}")
 
     def on_train_end(self, trainer: Trainer, module: LightningModule) -> None:
-        self.export(trainer, module, "final", "")
+        self.export_final(trainer, module)
+
+    def on_fit_end(self, trainer: Trainer, module: LightningModule) -> None:
+        if self.final is None:  # nothing was left to train (a finished run resumed, max_steps=0): no on_train_end
+            self.export_final(trainer, module)
+
+    def export_final(self, trainer: Trainer, module: LightningModule) -> None:
+        folder = self.export(trainer, module, "final", "")
+        self.final = self.flat_file() if module.is_lora and self.layout == "flat" else folder
 
     def export(self, trainer: Trainer, module: LightningModule, folder: str, suffix: str) -> Path:
         """The export folder (absent when only the flat file is kept); `suffix`: the flat file's, '' when final."""

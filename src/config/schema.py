@@ -24,6 +24,7 @@ class DirectoryConfig:
     video_clip_mode: Optional[str] = None
     control_path: Optional[str] = None  # control / reference images, same stems as the targets
     control_paths: Optional[list[str]] = None  # several control folders (one reference image from each)
+    recursive: Optional[bool] = None  # scan subfolders too
 
 
 @dataclass
@@ -43,10 +44,19 @@ class DatasetConfig:
     video_clip_mode: str = "single_beginning"
     control_path: Optional[str] = None
     control_paths: Optional[list[str]] = None
+    recursive: bool = True
     batch_size: int = 1
     num_workers: int = 0
     cache_dir: Optional[str] = None
     cache_workers: int = 1
+
+
+@dataclass
+class WebDatasetConfig(DatasetConfig):
+    """dataset=webdataset: tar shards instead of folders (src/datamodules/webdataset.py)."""
+
+    _target_: str = "src.datamodules.webdataset.WebDataModule"
+    shards: str = "???"  # paths or URLs as webdataset reads them: brace patterns, '::'-separated lists
 
 
 @dataclass

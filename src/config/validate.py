@@ -12,6 +12,8 @@ from typing import Any, Optional, Union, get_args, get_origin
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
+from src.datamodules.shards import check_shards
+
 from .errors import ConfigError
 from .family import Key, choices, constructor_keys, keys_schema, marker, model_keys
 from .keys import Choices, ModelPath
@@ -27,6 +29,7 @@ from .schema import (
     DatasetConfig,
     Range,
     RootConfig,
+    WebDatasetConfig,
 )
 from .strategy import check_strategy
 
@@ -45,10 +48,15 @@ def validate(cfg: DictConfig) -> None:
     _check_schema(RootConfig, OmegaConf.create(root), "")
     _check_resolution(cfg.sample_size, "sample_size")
     model = _check_model(cfg.model, cfg.adapter)
-    _check_schema(DatasetConfig, cfg.dataset, "dataset")
-    _check_dataset_paths(cfg.dataset, "dataset")
-    for i, eval_set in enumerate(cfg.eval_datasets):
-        _check_path(eval_set.path, f"eval_datasets[{i}].path", "a folder of held-out images with captions", folder=True)
+    shards = cfg.dataset.get("_target_") == WebDatasetConfig._target_
+    _check_schema(WebDatasetConfig if shards else DatasetConfig, cfg.dataset, "dataset")
+    if shards:
+        check_shards(cfg.dataset, cfg.eval_datasets)
+    else:
+        _check_dataset_paths(cfg.dataset, "dataset")
+        for i, eval_set in enumerate(cfg.eval_datasets):
+            _check_path(eval_set.path, f"eval_datasets[{i}].path", "a folder of held-out images with captions",
+                        folder=True)
     _check_dataset_entries(cfg)
     adapter = _check_schema(AdapterConfig, cfg.adapter, "adapter")
     _check_choice(adapter.type, ("lora", "none"), "adapter.type", "adapter=lora or adapter=none")

@@ -1,9 +1,8 @@
 """Aspect-ratio / resolution buckets, and a batch sampler whose every global batch comes from one bucket."""
 
-import itertools
 import math
 import random
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 
 import numpy
 from torch.utils.data import Sampler
@@ -76,7 +75,9 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     Shuffling within buckets and of the batch order depends only on (seed, epoch). A bucket whose size is not a
     multiple of the global batch is padded with its own items, so nothing is dropped and all ranks get the same
-    number of batches. `state_dict` / `load_state_dict` resume mid-epoch after the batches already handed out.
+    number of batches. `item_keys` tell which indices hold the same item (repeats): a global batch holds an item
+    twice only when its bucket has too few distinct items (see `_batches_of_distinct_items`).
+    `state_dict` / `load_state_dict` resume mid-epoch after the batches already handed out.
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,
+        item_keys: Sequence[Hashable] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -98,7 +100,9 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.world_size = world_size
         self.shuffle = shuffle
         self.epoch = 0
-        self._buckets = _indices_by_key(bucket_keys)
+        item_of = (lambda index: index) if item_keys is None else item_keys.__getitem__
+        buckets = _grouped(range(len(bucket_keys)), bucket_keys.__getitem__)
+        self._buckets = [_grouped(bucket, item_of) for bucket in buckets]  # per bucket, per item: its indices
         self._batches_yielded = 0
         self._batches_to_skip = 0
 
@@ -106,8 +110,14 @@ class BucketBatchSampler(Sampler[list[int]]):
     def global_batch_size(self) -> int:
         return self.batch_size * self.world_size
 
+    @property
+    def sampler(self) -> "BucketBatchSampler":
+        """Lightning calls `set_epoch` at each epoch start on `batch_sampler.sampler` (never on the batch sampler
+        itself); this batch sampler shuffles by itself, so it is its own sampler."""
+        return self
+
     def __len__(self) -> int:
-        return sum(math.ceil(len(indices) / self.global_batch_size) for indices in self._buckets)
+        return sum(math.ceil(_num_samples(items) / self.global_batch_size) for items in self._buckets)
 
     def set_epoch(self, epoch: int) -> None:
         # A position restored by load_state_dict belongs to its own epoch only.
@@ -138,31 +148,80 @@ class BucketBatchSampler(Sampler[list[int]]):
             yield global_batch[rank_slice]
 
     def _global_batches(self) -> list[list[int]]:
-        rng = random.Random(f"{self.seed}:{self.epoch}")
-        batches = []
-        for indices in self._buckets:
-            order = list(indices)
-            if self.shuffle:
-                rng.shuffle(order)
-            batches.extend(_chunks_wrapping_around(order, self.global_batch_size))
-        if self.shuffle:
+        rng = random.Random(f"{self.seed}:{self.epoch}") if self.shuffle else None
+        batches = [batch for items in self._buckets
+                   for batch in _batches_of_distinct_items(items, self.global_batch_size, rng)]
+        if rng:
             rng.shuffle(batches)
         return batches
 
 
-def _indices_by_key(bucket_keys: Sequence[Hashable]) -> list[list[int]]:
-    """Dataset indices grouped by bucket, buckets in order of first appearance (deterministic)."""
+def padding(num_samples: int, global_batch_size: int) -> int:
+    """How many samples repeat to fill a bucket of `num_samples` up to whole global batches."""
+    return -num_samples % global_batch_size
+
+
+def _grouped(indices: Iterable[int], key: Callable[[int], Hashable]) -> list[list[int]]:
+    """Indices grouped by key, groups in order of first appearance (deterministic)."""
     groups: dict[Hashable, list[int]] = {}
-    for index, key in enumerate(bucket_keys):
-        groups.setdefault(key, []).append(index)
+    for index in indices:
+        groups.setdefault(key(index), []).append(index)
     return list(groups.values())
 
 
-def _chunks_wrapping_around(items: list[int], size: int) -> list[list[int]]:
-    """Chunks of exactly `size`; the last one is filled by cycling back to the start (more than once if needed)."""
-    num_chunks = math.ceil(len(items) / size)
-    padded = list(itertools.islice(itertools.cycle(items), num_chunks * size))
-    return [padded[start : start + size] for start in range(0, len(padded), size)]
+def _num_samples(items: list[list[int]]) -> int:
+    return sum(map(len, items))
+
+
+def _batches_of_distinct_items(items: list[list[int]], size: int, rng: random.Random | None) -> list[list[int]]:
+    """One bucket's samples (`items`: each item's indices) in batches of exactly `size`.
+
+    Each batch takes the items with the most copies left, ties broken at random (`rng`; None: in order). That puts
+    an item twice in a batch only when it cannot be avoided: the bucket has fewer than `size` items, or an item
+    has more copies than there are batches.
+    """
+    copies = [list(indices) for indices in items]
+    _pad_fewest(copies, size, rng)
+    by_count = _items_by_count(copies, reversed(range(len(copies))), {})  # taken from the end: in order without rng
+    batches = []
+    while by_count:
+        chosen = _most_copies_left(by_count, size, rng)
+        batch = [copies[item].pop() for item in chosen]
+        while len(batch) < size:  # fewer items left than a batch holds: some come twice
+            batch.append(copies[max(chosen, key=lambda item: len(copies[item]))].pop())
+        batches.append(batch)
+        by_count = _items_by_count(copies, chosen, by_count)
+    return batches
+
+
+def _pad_fewest(copies: list[list[int]], size: int, rng: random.Random | None) -> None:
+    """Fills up to whole batches, each added copy (an item's first index) going to an item with the fewest."""
+    tie_break = [rng.random() if rng else item for item in range(len(copies))]
+    for _ in range(padding(_num_samples(copies), size)):
+        item = min(range(len(copies)), key=lambda item: (len(copies[item]), tie_break[item]))
+        copies[item].append(copies[item][0])
+
+
+def _most_copies_left(by_count: dict[int, list[int]], size: int, rng: random.Random | None) -> list[int]:
+    """Up to `size` distinct items taken out of `by_count`, those with the most copies left first."""
+    chosen = []
+    for count in sorted(by_count, reverse=True):
+        level = by_count[count]
+        while level and len(chosen) < size:
+            index = rng.randrange(len(level)) if rng else len(level) - 1
+            level[index], level[-1] = level[-1], level[index]
+            chosen.append(level.pop())
+    return chosen
+
+
+def _items_by_count(copies: list[list[int]], items: Iterable[int], by_count: dict[int, list[int]]
+                    ) -> dict[int, list[int]]:
+    """`by_count` (items by their number of copies left) without its emptied lists, `items` put back in."""
+    by_count = {count: level for count, level in by_count.items() if level}
+    for item in items:
+        if copies[item]:
+            by_count.setdefault(len(copies[item]), []).append(item)
+    return by_count
 
 
 # --- frame buckets (videos)

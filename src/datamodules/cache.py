@@ -4,11 +4,13 @@ A latent's key hashes the media file's bytes (and those of its control images), 
 frames and the VAE's fingerprint; a text embedding's key hashes the caption and the text encoders' fingerprint (and,
 for text encoders that see the control images, their bytes and crop size). So a change of family, encoder,
 resolution or file content misses exactly the affected items, and an unchanged item is never encoded twice.
-Files are written atomically; a truncated file fails the size check and is re-encoded, never trained on."""
+Files are written atomically; a truncated file fails the size check and is re-encoded, never trained on. Tensors
+with NaN or infinite values are neither written nor read (`NonFiniteError`)."""
 import hashlib
 import json
 import struct
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file
@@ -55,6 +57,18 @@ def is_complete_safetensors(path: Path) -> bool:
     return size == 8 + header_len + end
 
 
+class NonFiniteError(ValueError):
+    """A cache entry's tensors hold NaN or infinite values."""
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """The tensors, if every value is finite; else NonFiniteError naming the entry's file and tensors."""
+    bad = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if bad:
+        raise NonFiniteError(f"cache entry {path}: {', '.join(bad)} hold(s) NaN or infinite values")
+    return tensors
+
+
 class EmbeddingCache:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -77,15 +91,30 @@ class EmbeddingCache:
 
     @staticmethod
     def has(path: Path) -> bool:
+        """Whether the entry is there and complete (its header and size only: no tensor is read)."""
         return is_complete_safetensors(path)
 
     @staticmethod
+    def problem(path: Path) -> Optional[str]:
+        """Why the entry cannot be trained on ("missing", ...), or None; reads its tensors to check every value."""
+        if not path.exists():
+            return "missing"
+        if not is_complete_safetensors(path):
+            return "is incomplete (its write was cut short)"
+        try:
+            EmbeddingCache.read(path)
+        except NonFiniteError:
+            return "holds NaN or infinite values"
+        return None
+
+    @staticmethod
     def write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-        save_safetensors({k: v.detach().cpu() for k, v in tensors.items()}, path)
+        """Writes the entry atomically; NonFiniteError (and nothing written) if a value is NaN or infinite."""
+        save_safetensors(check_finite({k: v.detach().cpu() for k, v in tensors.items()}, path), path)
 
     @staticmethod
     def read(path: Path) -> dict[str, torch.Tensor]:
-        return load_file(path)
+        return check_finite(load_file(path), path)
 
 
 def _controls_key(control_digests: tuple[str, ...]) -> str:

@@ -1,10 +1,10 @@
 """The bucketed, cached LightningDataModule shared by every family.
 
-setup() scans the media folders (reporting bad files once and skipping them; a file verified on an earlier run and
-unchanged since is not decoded again, see media.ProbeIndex), assigns every item to its aspect-ratio bucket at every
-resolution (and every video clip to its frame bucket, after resampling the video to the model's framerate), makes
-sure each item has cached latents and text embeddings (loading the family's encoders only if something is missing,
-splitting the work across ranks), then frees the encoders.
+setup() scans the media folders and their subfolders (reporting bad files once and skipping them; a file verified
+on an earlier run and unchanged since is not decoded again, see media.ProbeIndex), assigns every item to its
+aspect-ratio bucket at every resolution (and every video clip to its frame bucket, after resampling the video to the
+model's framerate), makes sure each item has cached latents and text embeddings (loading the family's encoders only
+if something is missing, splitting the work across ranks), then frees the encoders.
 Edit datasets: a folder's `control_path` (or `control_paths`) names folders of control images with the targets'
 stems; each control is cropped to its target's bucket size and encoded with it (CacheEncoders.encode_images).
 Batches come from one (width, height, frames, controls) bucket each, in a reproducible shuffled order, sharded by
@@ -33,11 +33,14 @@ from .buckets import (
     frame_buckets_with_image,
     video_frame_bucket,
 )
-from .cache import EmbeddingCache
+from .cache import EmbeddingCache, NonFiniteError
+from .captions import TokenLimit, quiet_truncation
 from .media import (
+    CAPTION_SUFFIX,
     ControlFolders,
     MediaItem,
     ProbeIndex,
+    ScanResult,
     SkippedFile,
     crop_geometry,
     load_image,
@@ -50,7 +53,7 @@ log = logging.getLogger(__name__)
 
 PROBE_INDEX_NAME = "media_probes.json"  # in the cache root: see media.ProbeIndex
 DIRECTORY_KEYS = ("resolutions", "enable_ar_bucket", "min_ar", "max_ar", "num_ar_buckets", "ar_buckets",
-                  "num_repeats", "caption_prefix", "frame_buckets", "video_clip_mode")
+                  "num_repeats", "caption_prefix", "frame_buckets", "video_clip_mode", "recursive")
 CONTROL_KEYS = ("control_path", "control_paths")  # a folder inherits both or neither (see _with_defaults)
 
 
@@ -71,6 +74,10 @@ class Sample:
     latent_path: Path
     text_path: Path
     frames: tuple[int, ...] = ()
+
+    @property
+    def caption_path(self) -> Path:
+        return self.item.path.with_suffix(CAPTION_SUFFIX)
 
     @property
     def bucket(self) -> tuple[int, int, int, int]:
@@ -160,12 +167,13 @@ class DiffusionDataModule(LightningDataModule):
                  frame_buckets: list = (1,), video_clip_mode: str = "single_beginning",
                  control_path: Optional[str] = None, control_paths: Optional[list[str]] = None, batch_size: int = 1,
                  num_workers: int = 0, cache_dir: Optional[str] = None, cache_workers: int = 1,
-                 eval_datasets: list[dict] = (), seed: int = 42):
+                 eval_datasets: list[dict] = (), seed: int = 42, recursive: bool = True):
         super().__init__()
         defaults = dict(resolutions=resolutions, enable_ar_bucket=enable_ar_bucket, min_ar=min_ar, max_ar=max_ar,
                         num_ar_buckets=num_ar_buckets, ar_buckets=ar_buckets, num_repeats=num_repeats,
                         caption_prefix=caption_prefix, frame_buckets=list(frame_buckets),
-                        video_clip_mode=video_clip_mode, control_path=control_path, control_paths=control_paths)
+                        video_clip_mode=video_clip_mode, control_path=control_path, control_paths=control_paths,
+                        recursive=recursive)
         self.directories = [_with_defaults({"path": path}, defaults)] if path else []
         self.directories += [_with_defaults(d, defaults) for d in directories]
         self.eval_directories = {d["name"]: _with_defaults(d, defaults) for d in eval_datasets}
@@ -191,6 +199,9 @@ class DiffusionDataModule(LightningDataModule):
         module = self.trainer.lightning_module
         train, evals = self.plan(module, module.cache_fingerprints())
         self._fill_cache([s for samples in (train, *evals.values()) for s in samples], module)
+        train, evals = self._cached(train), {name: self._cached(samples) for name, samples in evals.items()}
+        if not train:
+            raise EmptyDatasetError(self._empty_dataset_message())
         self.train_set = CachedDataset(train)
         self.eval_sets = {name: CachedDataset(samples) for name, samples in evals.items()}
 
@@ -210,6 +221,11 @@ class DiffusionDataModule(LightningDataModule):
         if not train:
             raise EmptyDatasetError(self._empty_dataset_message())
         return train, evals
+
+    def _configured_folders(self) -> list[str]:
+        """Every dataset, eval and control folder: a recursive scan leaves out those nested in the one it scans."""
+        directories = [*self.directories, *self.eval_directories.values()]
+        return [folder for d in directories for folder in (d["path"], *control_folders(d))]
 
     def _empty_dataset_message(self) -> str:
         folders = ", ".join(str(d["path"]) for d in self.directories)
@@ -238,15 +254,23 @@ class DiffusionDataModule(LightningDataModule):
 
     def _scan(self, directory: dict, probes: ProbeIndex, module) -> dict[MediaItem, list[tuple[int, ...]]]:
         """The folder's usable items (with their controls) and the clips each contributes; reports the rest."""
-        scan = scan_directory(directory["path"], directory["caption_prefix"], probes)
+        scan = self.scan_media(directory, probes)
         controls = ControlFolders(control_folders(directory), probes)
         items = [controls.attach(item) for item in scan.items]
         clips = {item: self._clips(item, directory, module) for item in items if isinstance(item, MediaItem)}
         skipped = scan.skipped + [s for s in [*items, *clips.values()] if isinstance(s, SkippedFile)]
+        self._report(skipped)
+        return {item: item_clips for item, item_clips in clips.items() if not isinstance(item_clips, SkippedFile)}
+
+    def _report(self, skipped: list[SkippedFile]) -> None:
         for skip in sorted(skipped, key=lambda s: s.path):
             log.warning("Skipping %s: %s", skip.path, skip.reason)
             self.skipped.append(skip)
-        return {item: item_clips for item, item_clips in clips.items() if not isinstance(item_clips, SkippedFile)}
+
+    def scan_media(self, directory: dict, probes: ProbeIndex) -> ScanResult:
+        """The captioned media of the directory's `path` and what cannot be used (webdataset.py reads shards)."""
+        return scan_directory(directory["path"], directory["caption_prefix"], probes, directory["recursive"],
+                              exclude=self._configured_folders())
 
     @staticmethod
     def _clips(item: MediaItem, directory: dict, module) -> list[tuple[int, ...]] | SkippedFile:
@@ -270,11 +294,13 @@ class DiffusionDataModule(LightningDataModule):
         return [tuple(timeline[start:start + length]) for start in starts]
 
     def _fill_cache(self, samples: list[Sample], module) -> None:
-        """Encodes what the cache lacks. Rank r encodes every world_size-th missing item; all ranks then wait."""
+        """Encodes what the cache lacks (or holds unusable). Rank r encodes every world_size-th missing item once
+        all ranks have checked the cache; all ranks then wait."""
         strategy = self.trainer.strategy
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        missing_latents = _unique(s for s in samples if not EmbeddingCache.has(s.latent_path))
-        missing_text = _unique_by_text(s for s in samples if not EmbeddingCache.has(s.text_path))
+        missing_latents = [s for s in _unique(samples) if _needs_encoding(s.latent_path, s.item.path)]
+        missing_text = [s for s in _unique_by_text(samples) if _needs_encoding(s.text_path, s.caption_path)]
+        strategy.barrier("cache checked")
         mine_latents, mine_text = missing_latents[rank::world], missing_text[rank::world]
         if mine_latents or mine_text:
             encoders = module.load_cache_encoders().to(strategy.root_device)
@@ -295,15 +321,28 @@ class DiffusionDataModule(LightningDataModule):
             with_controls = {"controls": controls.unsqueeze(0)} if len(controls) else {}
             encoded = encoders.encode_images(pixels.unsqueeze(0), **with_controls)
             tensors = {k: v[0] for k, v in encoded.items()} if isinstance(encoded, dict) else {"latents": encoded[0]}
-            EmbeddingCache.write(samples[index].latent_path, tensors)
+            _write_if_finite(samples[index].latent_path, tensors)
 
     def _encode_captions(self, samples: list[Sample], encoders, with_images: bool, batch_size: int = 16) -> None:
         """`with_images`: the text encoders also see each item's controls (None for an item without)."""
+        limit = TokenLimit.of(encoders)
         for start in tqdm(range(0, len(samples), batch_size), desc="Caching text", unit="batch"):
             chunk = samples[start:start + batch_size]
             images = {"images": [s.load_controls() if s.item.controls else None for s in chunk]} if with_images else {}
-            for sample, tensors in zip(chunk, encoders.encode_captions([s.item.caption for s in chunk], **images)):
-                EmbeddingCache.write(sample.text_path, tensors)
+            captions = [limit.fit(s.item.caption, s.caption_path) if limit else s.item.caption for s in chunk]
+            with quiet_truncation():
+                encoded = encoders.encode_captions(captions, **images)
+            for sample, tensors in zip(chunk, encoded):
+                _write_if_finite(sample.text_path, tensors)
+
+    def _cached(self, samples: list[Sample]) -> list[Sample]:
+        """The samples whose latents and text are cached; the others' came out of the encoders with NaN or infinite
+        values (so they were not written) and are reported."""
+        uncached = {s for s in set(samples)
+                    if not (EmbeddingCache.has(s.latent_path) and EmbeddingCache.has(s.text_path))}
+        self._report([SkippedFile(path, "encoding it (or its caption) gave NaN or infinite values, so nothing was "
+                                        "cached") for path in {s.item.path for s in uncached}])
+        return [s for s in samples if s not in uncached]
 
     def trained_sizes(self) -> list[str]:
         """The sizes the training buckets hold, most used first (see size_labels)."""
@@ -315,18 +354,20 @@ class DiffusionDataModule(LightningDataModule):
         return len({s.item.path for s in self.train_set.samples}) if self.train_set else 0
 
     def train_dataloader(self) -> ResumableDataLoader:
-        sampler = BucketBatchSampler([s.bucket for s in self.train_set.samples], self.batch_size, self.seed,
-                                     rank=self.trainer.global_rank, world_size=self.trainer.world_size)
-        loader = ResumableDataLoader(self.train_set, batch_sampler=sampler, collate_fn=self._collate(),
-                                     num_workers=self.num_workers)
+        loader = ResumableDataLoader(self.train_set, batch_sampler=self._batch_sampler(self.train_set, shuffle=True),
+                                     collate_fn=self._collate(), num_workers=self.num_workers)
         loader.trainer = self.trainer
         return loader
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [DataLoader(dataset, batch_sampler=BucketBatchSampler(
-                    [s.bucket for s in dataset.samples], self.batch_size, self.seed, rank=self.trainer.global_rank,
-                    world_size=self.trainer.world_size, shuffle=False), collate_fn=self._collate())
-                for dataset in self.eval_sets.values()]
+        return [DataLoader(dataset, batch_sampler=self._batch_sampler(dataset, shuffle=False),
+                           collate_fn=self._collate()) for dataset in self.eval_sets.values()]
+
+    def _batch_sampler(self, dataset: CachedDataset, shuffle: bool) -> BucketBatchSampler:
+        """Batches of one bucket each; repeats of a sample (same latents) count as one item."""
+        return BucketBatchSampler([s.bucket for s in dataset.samples], self.batch_size, self.seed,
+                                  rank=self.trainer.global_rank, world_size=self.trainer.world_size, shuffle=shuffle,
+                                  item_keys=[s.latent_path for s in dataset.samples])
 
     def _collate(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         return partial(collate, collate_text=self.trainer.lightning_module.collate_text)
@@ -383,6 +424,21 @@ def control_folders(directory: dict) -> tuple[str, ...]:
     if several is not None:
         return tuple(map(str, several))
     return () if single is None else (str(single),)
+
+
+def _needs_encoding(entry: Path, source: Path) -> bool:
+    """Whether the cache entry of `source` (a media or caption file) is missing or unusable (then said, once)."""
+    problem = EmbeddingCache.problem(entry)
+    if problem not in (None, "missing"):
+        log.warning("The cache entry of %s (%s) %s: encoding it again.", source, entry, problem)
+    return problem is not None
+
+
+def _write_if_finite(entry: Path, tensors: dict[str, torch.Tensor]) -> None:
+    try:
+        EmbeddingCache.write(entry, tensors)
+    except NonFiniteError:
+        pass  # nothing written: the item is reported and left out once caching is done (see _cached)
 
 
 def _unique(samples) -> list[Sample]:

@@ -6,13 +6,15 @@ maps it onto a model's framerate and `load_video` decodes the chosen frames as o
 Scanning decodes every file to catch corrupt ones; a `ProbeIndex` remembers each verdict so an unchanged file is
 decoded only once."""
 
+import errno
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 from typing import Optional
 
 import av
@@ -29,9 +31,13 @@ from .cache import file_digest
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".gif", ".mkv"})
 CAPTION_SUFFIX = ".txt"
+_IMAGE_TYPES = " ".join(sorted(extension[1:] for extension in IMAGE_EXTENSIONS))
+_VIDEO_TYPES = " ".join(sorted(extension[1:] for extension in VIDEO_EXTENSIONS))
 # EXIF orientations 5-8 include a 90-degree rotation, so width and height swap.
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _WHITE = (255, 255, 255, 255)
+# How PIL opens 16-bit grayscale (PNG); 16-bit RGB(A) it opens as 8-bit RGB(A) itself.
+_16_BIT_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 PROBE_INDEX_VERSION = 1
 Probe = tuple[int, int, int, Optional[Fraction]]  # (width, height, frames, fps); fps None for an image
 
@@ -71,35 +77,58 @@ def is_video_file(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_EXTENSIONS
 
 
-def scan_directory(path: str | Path, caption_prefix: str = "", probe_index: Optional["ProbeIndex"] = None
-                   ) -> ScanResult:
-    """Collect captioned images and videos in `path` (not recursive) and report every file that cannot be used.
+def scan_directory(path: str | Path, caption_prefix: str = "", probe_index: Optional["ProbeIndex"] = None,
+                   recursive: bool = True, exclude: Sequence[str | Path] = ()) -> ScanResult:
+    """Collect captioned images and videos in `path` and, if `recursive`, its subfolders (not hidden ones, nor
+    those in `exclude`, such as control folders), and report every file that cannot be used, each with its reason.
     With a `probe_index`, files it has already verified unchanged are not decoded again; it is saved afterwards."""
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"Dataset directory not found: {directory}")
-    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
-    media = [p for p in files if is_image_file(p) or is_video_file(p)]
     result = ScanResult()
-    for media_path in media:
-        item_or_skip = _scan_media(media_path, caption_prefix, probe_index)
-        if isinstance(item_or_skip, MediaItem):
-            result.items.append(item_or_skip)
-        else:
-            result.skipped.append(item_or_skip)
-    media_stems = {p.stem for p in media}
-    result.skipped.extend(
-        SkippedFile(p, "caption file without a matching image or video")
-        for p in files
-        if p.suffix == CAPTION_SUFFIX and p.stem not in media_stems
-    )
+    for entries in _folders(directory, recursive, {Path(folder).resolve() for folder in exclude}):
+        _scan_folder(entries, caption_prefix, probe_index, recursive, result)
     result.skipped.sort(key=lambda skipped: skipped.path)
     if probe_index is not None:
         probe_index.save()
     return result
 
 
-def _scan_media(media_path: Path, caption_prefix: str, probe_index: Optional["ProbeIndex"]) -> MediaItem | SkippedFile:
+def _folders(directory: Path, recursive: bool, excluded: set[Path]) -> Iterator[list[Path]]:
+    """The visible entries (names not starting with ".") of `directory`, then of each subfolder if `recursive`,
+    symlinked ones included; each real folder once, none of the `excluded` (real paths)."""
+    excluded.add(directory.resolve())
+    entries = sorted(p for p in directory.iterdir() if not p.name.startswith("."))
+    yield entries
+    for entry in entries if recursive else ():
+        if entry.is_dir() and entry.resolve() not in excluded:
+            yield from _folders(entry, recursive, excluded)
+
+
+def _scan_folder(entries: list[Path], caption_prefix: str, probe_index: Optional["ProbeIndex"], recursive: bool,
+                 result: ScanResult) -> None:
+    """One folder's items and skipped entries: its media, then captions left over."""
+    media = [p for p in entries if is_image_file(p) or is_video_file(p)]
+    for media_path in media:
+        item_or_skip = _scan_media(media_path, caption_prefix, probe_index, recursive)
+        (result.items if isinstance(item_or_skip, MediaItem) else result.skipped).append(item_or_skip)
+    media_stems = {p.stem for p in media}
+    for caption in (p for p in entries if p.suffix == CAPTION_SUFFIX and p.stem not in media_stems):
+        unsupported = [p for p in entries if p.stem == caption.stem and p.suffix not in ("", CAPTION_SUFFIX)
+                       and not p.is_dir()]
+        result.skipped.extend(SkippedFile(p, f"unsupported file type {p.suffix!r} (images: {_IMAGE_TYPES}; videos: "
+                                             f"{_VIDEO_TYPES}); its caption {caption.name} is not used")
+                              for p in unsupported)
+        if not unsupported:
+            result.skipped.append(SkippedFile(caption, "caption file without a matching image or video"))
+
+
+def _scan_media(media_path: Path, caption_prefix: str, probe_index: Optional["ProbeIndex"], recursive: bool
+                ) -> MediaItem | SkippedFile:
+    unreadable = _not_a_file(media_path)
+    if unreadable:
+        scanned = " (its contents are scanned as a subfolder)" if recursive and media_path.is_dir() else ""
+        return SkippedFile(media_path, f"is {unreadable}, not a readable {_media_kind(media_path)} file{scanned}")
     probe = _probe_file(media_path, probe_index)
     if isinstance(probe, str):
         return SkippedFile(media_path, probe)
@@ -107,6 +136,22 @@ def _scan_media(media_path: Path, caption_prefix: str, probe_index: Optional["Pr
     if isinstance(caption, SkippedFile):
         return caption
     return MediaItem(media_path, caption_prefix + caption, *probe)
+
+
+def _not_a_file(path: Path) -> Optional[str]:
+    """What `path` is when no file can be read there ("a folder", "missing", ...), or None: it is a file (or a
+    symbolic link to one)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        if path.is_symlink():
+            return f"a broken symbolic link (its target {os.readlink(path)} does not exist)"
+        return "missing"
+    if S_ISREG(mode):
+        return None
+    return "a folder" if S_ISDIR(mode) else "a special file (FIFO, socket or device)"
 
 
 def _probe_file(path: Path, probe_index: Optional["ProbeIndex"]) -> Probe | str:
@@ -244,8 +289,11 @@ def _decode_verdict(verdict) -> Probe | str | None:
 
 def _read_caption(media_path: Path) -> str | SkippedFile:
     caption_path = media_path.with_suffix(CAPTION_SUFFIX)
-    if not caption_path.is_file():
+    unreadable = _not_a_file(caption_path)
+    if unreadable == "missing":
         return SkippedFile(media_path, f"no caption file: expected {caption_path}")
+    if unreadable:
+        return SkippedFile(media_path, f"its caption {caption_path} is {unreadable}, not a file")
     try:
         # utf-8-sig also accepts the byte-order mark some Windows editors write.
         return caption_path.read_text(encoding="utf-8-sig").strip()
@@ -334,6 +382,8 @@ def crop_geometry(source_size: tuple[int, int], size: tuple[int, int]) -> tuple[
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in _16_BIT_GRAY_MODES:  # PIL's own conversion clips these at 255 (white) instead of scaling
+        img = img.convert("I").point(lambda value: value / 257 + 0.5, "L")
     if not img.has_transparency_data:
         return img.convert("RGB")
     background = Image.new("RGBA", img.size, _WHITE)

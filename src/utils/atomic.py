@@ -1,5 +1,6 @@
 """Atomic writes: the destination either keeps its previous good content or gets the complete new one."""
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ def replacing(path: Path) -> Iterator[Path]:
     reaches the disk, then replaces `path`. On failure the temp file is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_sibling(path)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~current_umask())
@@ -37,6 +38,24 @@ def replacing(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def temp_sibling(path: Path) -> Path:
+    """Where `path` is written before it replaces the real one: `.<name>.<pid>.tmp`."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+TEMP_NAME = re.compile(r"\..+\.\d+\.tmp")
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Removes the temp files and folders that killed writers left anywhere under `folder` (call it before
+    anything writes there)."""
+    for stale in [p for p in Path(folder).rglob(".*.tmp") if TEMP_NAME.fullmatch(p.name)]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def current_umask() -> int:
@@ -59,7 +78,7 @@ def atomic_directory(path: Path):
     """Yields a temporary sibling folder to fill; on success it replaces `path` whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_sibling(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
