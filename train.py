@@ -1,6 +1,7 @@
 """Train a diffusion model: `python train.py model=flux model.diffusers_path=... dataset.path=...`.
 With no arguments: the built-in demo (LoRA on a tiny Flux, bundled images, CPU)."""
 import os
+from typing import Optional
 
 import hydra
 from hydra.errors import CompactHydraException, ConfigCompositionException
@@ -9,15 +10,27 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 import src.config  # noqa: F401  (registers the ${project_root:} resolver)
 from src.config.validate import ConfigError, unknown_key_error
-from src.training import run
+from src.training import TrainingRun, run
+from src.utils.sweep_jobs import require_objective, single_run_command
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> Optional[float]:
+    """Returns the eval loss: the objective a sweeper minimises (`hparams_search=lora_optuna`)."""
     try:
-        run(cfg)
+        require_objective(cfg)
+        with single_run_command():
+            result = run(cfg)
     except ConfigError as error:  # the user's to fix: the message alone, no traceback
         raise SystemExit(f"Error: {error}") from None
+    return eval_loss(result) if result else None
+
+
+def eval_loss(result: TrainingRun) -> Optional[float]:
+    """The mean loss over the eval datasets at their last evaluation; None without eval_datasets."""
+    metrics = result.trainer.callback_metrics
+    losses = [float(metrics[f"{name}/loss"]) for name in result.datamodule.eval_names if f"{name}/loss" in metrics]
+    return sum(losses) / len(losses) if losses else None
 
 
 def cli() -> None:

@@ -1,25 +1,13 @@
 """Build the tiny random-weight models used by tests, CI and the demo, and print their folders."""
 import argparse
-import importlib
 import os
-import pkgutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import src.tiny  # noqa: E402
-from src.tiny import CACHE_ENV, build_once, tiny_model_dir  # noqa: E402
-
-
-def tiny_models() -> dict[str, Callable[[Path], None]]:
-    """Every builder, by name: the `TINY_MODELS` of each module of src/tiny."""
-    models = {}
-    for module in pkgutil.iter_modules(src.tiny.__path__):
-        models.update(getattr(importlib.import_module(f"src.tiny.{module.name}"), "TINY_MODELS", {}))
-    return models
+from src.tiny import CACHE_ENV, build_once, builders, tiny_model_dir  # noqa: E402
 
 
 def parse_args(known: list[str]) -> argparse.Namespace:
@@ -37,7 +25,7 @@ def parse_args(known: list[str]) -> argparse.Namespace:
 
 
 def main() -> None:
-    models = tiny_models()
+    models = builders()
     args = parse_args(list(models))
     for name in args.families or list(models):
         build = models[name]

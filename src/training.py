@@ -47,6 +47,7 @@ def run(cfg: DictConfig) -> Optional[TrainingRun]:
 
     datamodule = instantiate(cfg.dataset, eval_datasets=cfg.eval_datasets, seed=cfg.seed, _convert_="all")
     module = build_module(cfg, datamodule.eval_names)
+    module.build_tiny_models()  # before the trainer starts other processes (DDP), never inside them
     exporter = ExportCallback(str(run_dir), resolved, cfg.save_every_n_steps, cfg.save_every_n_epochs, cfg.save_dtype,
                               cfg.export_name, cfg.export_layout, cfg.keep_last_n_exports)
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps,

@@ -18,8 +18,6 @@ from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
 from src.config.validate import ConfigError
-from src.tiny import flux as tiny_flux
-from src.tiny import tiny_model_dir
 from src.training import run
 from tests.conftest import ROOT
 
@@ -41,7 +39,6 @@ class ShardReport(Callback):
 
 def train_two_processes(run_dir: Path, *overrides: str) -> Path:
     """A 3-step full fine-tune on 2 CPU processes; returns its final export folder."""
-    tiny_model_dir("flux", tiny_flux.build)  # built before the processes start (issue 13, fresh-machine DDP)
     result = subprocess.run(
         [sys.executable, "train.py", "trainer.devices=2", "trainer.accelerator=cpu", "adapter=none",
          "trainer.max_steps=3", "dataset.resolutions=[64]", "logger=none", "trainer.enable_progress_bar=false",

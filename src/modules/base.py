@@ -22,6 +22,7 @@ from src.config.keys import Choices
 from src.config.validate import ConfigError
 from src.optim.gradient_release import GradientReleaseOptimizer
 from src.parallel.fsdp import gathered_state_dict, shard_parts, whole_tensor
+from src.tiny import tiny_model
 
 from .block_swap import BlockSwap
 from .checkpointing import checkpoint_blocks
@@ -67,6 +68,7 @@ class DiffusionModule(LightningModule, ABC):
     requires_video: bool = False                        # image-to-video: every item must be a video
     text_depends_on_images: bool = False                # encode_captions sees the controls (cache key covers them)
     fold_lora_scale: bool = True                        # False: export_lora gets unscaled weights, writes alpha
+    tiny_models: tuple[str, ...] = ()                   # what model.tiny=true reads: names in src/tiny's TINY_MODELS
 
     # The constructor declares the config keys every family shares: their types, choices and defaults are what
     # validation checks (src/config/family.py reads them from this signature without importing this module).
@@ -102,6 +104,14 @@ class DiffusionModule(LightningModule, ABC):
         self.text_encoders = torch.nn.ModuleDict()  # the ones that train (load_text_encoders)
         self.loop_encoders: dict[str, torch.nn.Module] = {}  # frozen, unregistered: see load_loop_encoders
         self.strict_loading = False  # checkpoints hold trainable weights only; the base comes from disk
+
+    def build_tiny_models(self) -> None:
+        """With model.tiny=true, build (once, into the tiny cache) every tiny model the family reads. Runs before
+        Lightning starts other processes: inside a process group transformers' save_pretrained writes on rank 0
+        only, so a rank building there would leave an incomplete folder."""
+        if self.tiny:
+            for name in self.tiny_models:
+                tiny_model(name)
 
     # --- family contract: methods
     @abstractmethod

@@ -39,6 +39,7 @@ class ChromaEncoders(FluxEncoders):
 
 class ChromaModule(FluxBase):
     cache_name = "chroma"
+    tiny_models = ("flux", "chroma")  # the Flux folder's VAE and T5, Chroma's transformer
     lora_target_blocks = ("ChromaTransformerBlock", "ChromaSingleTransformerBlock")
     keep_in_high_precision = (r"^x_embedder", r"^context_embedder", r"^distilled_guidance_layer", r"^proj_out",
                               r"^norm_out")

@@ -64,6 +64,7 @@ class FluxBase(DiffusionModule):
     context tokens (`context_tokens`). A subclass supplies the transformer call (`denoise_tokens`)."""
     block_lists = ("transformer_blocks", "single_transformer_blocks")
     pixels_round_to_multiple = 16  # VAE factor 8 x 2x2 patches
+    tiny_models = ("flux",)
 
     def __init__(self,
                  diffusers_path: Annotated[Optional[str], ModelPath(

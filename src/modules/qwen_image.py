@@ -127,6 +127,7 @@ def unpadded(embeds: torch.Tensor, mask: Optional[torch.Tensor]) -> list[dict[st
 
 class QwenImageModule(DiffusionModule):
     cache_name = "qwen_image"
+    tiny_models = ("qwen_image",)
     lora_target_blocks = ("QwenImageTransformerBlock",)
     block_lists = ("transformer_blocks",)
     keep_in_high_precision = (r"^img_in$", r"^txt_in$", r"^txt_norm$", r"^time_text_embed", r"^norm_out",

@@ -66,6 +66,7 @@ class SDXLCacheEncoders:
 
 class SDXLModule(DiffusionModule):
     cache_name = "sdxl"
+    tiny_models = ("sdxl",)
     # kohya's targets: every Linear in the UNet's transformer blocks and in both encoders' attention and MLPs.
     lora_target_blocks = ("Transformer2DModel", "CLIPAttention", "CLIPMLP")
     pixels_round_to_multiple = 64  # kohya's SDXL bucket step

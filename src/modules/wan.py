@@ -142,6 +142,7 @@ class WanModule(DiffusionModule):
         self.variant_name = variant
         self.variant = VARIANTS[variant]
         self.cache_name = self.variant.cache
+        self.tiny_models = (self.variant.tiny,)
         self.requires_video = self.variant.i2v
         self.pixels_round_to_multiple = self.variant.pixel_multiple
         self.ckpt_path = ckpt_path

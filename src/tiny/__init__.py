@@ -2,11 +2,13 @@
 
 `tiny_model_dir("flux", tiny_flux.build)` returns a folder that the real loading code (from_pretrained,
 single-file loaders) reads unchanged. Builders are deterministic, so a cached folder equals a fresh build of the
-same version. Each src/tiny/<family>.py lists its builders by name in `TINY_MODELS` (scripts/make_tiny_models.py
-finds them there); importing this package is cheap.
+same version. Each src/tiny/<family>.py lists its builders by name in `TINY_MODELS` (`builders()` collects them:
+scripts/make_tiny_models.py, and `tiny_model(name)` for the families' `tiny_models`); importing this package is cheap.
 """
 import fcntl
+import importlib
 import os
+import pkgutil
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,6 +43,19 @@ def tiny_model_dir(name: str, build: Callable[[Path], None], version: int = 1) -
     """The cached tiny model `name`, written by `build(folder)` on first use. Bump `version` whenever the builder's
     output changes, so a stale cache is not reused."""
     return build_once(build, cache_root() / f"{name}-v{version}")
+
+
+def builders() -> dict[str, Callable[[Path], None]]:
+    """Every builder, by name: the `TINY_MODELS` of each module of this package."""
+    found = {}
+    for module in pkgutil.iter_modules(__path__):
+        found.update(getattr(importlib.import_module(f"{__name__}.{module.name}"), "TINY_MODELS", {}))
+    return found
+
+
+def tiny_model(name: str) -> Path:
+    """The cached tiny model a module of this package lists as `name` in its `TINY_MODELS`."""
+    return tiny_model_dir(name, builders()[name])
 
 
 def build_once(build: Callable[[Path], None], target: Path) -> Path:
