@@ -8,10 +8,10 @@ from hydra.errors import CompactHydraException, ConfigCompositionException
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-import src.config  # noqa: F401  (registers the ${project_root:} resolver)
-from src.config.validate import ConfigError, unknown_key_error
-from src.training import TrainingRun, run
-from src.utils.sweep_jobs import require_objective, single_run_command
+import difftrain.config  # noqa: F401  (registers the ${project_root:} resolver)
+from difftrain.config.validate import ConfigError, unknown_key_error
+from difftrain.training import TrainingRun, run
+from difftrain.utils.sweep_jobs import require_objective, single_run_command
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

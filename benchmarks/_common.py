@@ -26,7 +26,7 @@ from tests.conftest import EXAMPLE_IMAGES, compose_config  # noqa: E402,F401  (t
 
 def quiet() -> None:
     """Keep the printed tables readable: no Lightning banners, no per-run library warnings."""
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "src", "diffusers", "transformers"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "difftrain", "diffusers", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
 

@@ -19,7 +19,7 @@ from _common import compose_config, instantiate_module, median, print_table, qui
 import torch
 from diffusers import FluxTransformer2DModel
 
-from src.modules.flux import FluxModule
+from difftrain.modules.flux import FluxModule
 
 TARGET_TIME_RATIO = 1.25
 # diffusers' FluxTransformer2DModel defaults are FLUX.1-dev's shapes, except that dev has a guidance embedding;

@@ -18,8 +18,8 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from src.datamodules.datamodule import DiffusionDataModule
-from src.datamodules.media import is_image_file
+from difftrain.datamodules.datamodule import DiffusionDataModule
+from difftrain.datamodules.media import is_image_file
 
 
 def parse_args() -> argparse.Namespace:

@@ -16,8 +16,8 @@ from _common import compose_config, instantiate_module, print_table, quiet, verd
 import torch
 from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 
-from src.modules.flux import FluxModule
-from src.modules.qwen_image import QwenImageModule
+from difftrain.modules.flux import FluxModule
+from difftrain.modules.qwen_image import QwenImageModule
 
 TARGET_RATIO = 0.55
 # diffusers' FluxTransformer2DModel defaults are FLUX.1-dev's shapes, except that dev has a guidance embedding.

@@ -20,8 +20,8 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from src.tiny import flux as tiny_flux
-from src.tiny import tiny_model_dir
+from difftrain.tiny import flux as tiny_flux
+from difftrain.tiny import tiny_model_dir
 
 TARGET_RATIO = 0.55  # 1/2 at 2 ranks, with room for shard padding
 

@@ -16,8 +16,8 @@ import torch
 from _common import default_device, print_table, verdict
 from diffusers import FluxTransformer2DModel, FluxPipeline
 
-from src.optim.adamw8bit_kahan import AdamW8bitKahan
-from src.optim.gradient_release import GradientReleaseOptimizer
+from difftrain.optim.adamw8bit_kahan import AdamW8bitKahan
+from difftrain.optim.gradient_release import GradientReleaseOptimizer
 
 
 def parse_args() -> argparse.Namespace:

@@ -16,8 +16,8 @@ from _common import (add_threads_option, compose_config, default_device, interle
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
-from src.datamodules.cache import EmbeddingCache
-from src.datamodules.datamodule import MediaToEncode, Sample
+from difftrain.datamodules.cache import EmbeddingCache
+from difftrain.datamodules.datamodule import MediaToEncode, Sample
 
 
 def parse_args() -> argparse.Namespace:

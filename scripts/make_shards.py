@@ -12,8 +12,8 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
-from src.datamodules.media import CAPTION_SUFFIX, is_image_file, is_video_file  # noqa: E402
-from src.utils.atomic import replacing  # noqa: E402
+from difftrain.datamodules.media import CAPTION_SUFFIX, is_image_file, is_video_file  # noqa: E402
+from difftrain.utils.atomic import replacing  # noqa: E402
 
 SHARD_NAME = "shard-{}.tar"  # formatted with a 6-digit number or a brace range of them
 

@@ -7,7 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from src.tiny import CACHE_ENV, build_once, builders, tiny_model_dir  # noqa: E402
+from difftrain.tiny import CACHE_ENV, build_once, builders, tiny_model_dir  # noqa: E402
 
 
 def parse_args(known: list[str]) -> argparse.Namespace:

@@ -11,9 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-import src.config  # noqa: E402, F401  (registers the ${project_root:} resolver)
-from src.config.samples import SampleRequest, make_request, read_prompts  # noqa: E402
-from src.config.validate import ConfigError, validate_model  # noqa: E402
+import difftrain.config  # noqa: E402, F401  (registers the ${project_root:} resolver)
+from difftrain.config.samples import SampleRequest, make_request, read_prompts  # noqa: E402
+from difftrain.config.validate import ConfigError, validate_model  # noqa: E402
 
 
 def sample(cfg: DictConfig) -> list[Path]:
@@ -25,8 +25,8 @@ def sample(cfg: DictConfig) -> list[Path]:
                           f"(<run_dir>/exports/<step|epoch|final>/...).")
     import torch  # heavy imports only once the config is known to be good
 
-    from src.callbacks.previews import is_video, render_requests, save_media
-    from src.training import build_module
+    from difftrain.callbacks.previews import is_video, render_requests, save_media
+    from difftrain.training import build_module
 
     module = build_module(OmegaConf.create({"model": cfg.model, "seed": cfg.seed, "adapter": None,
                                             "optimizer": None, "scheduler": None}))

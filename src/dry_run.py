@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from src.datamodules.buckets import padding
-from src.datamodules.datamodule import Sample
-from src.tiny import without_building
+from difftrain.datamodules.buckets import padding
+from difftrain.datamodules.datamodule import Sample
+from difftrain.tiny import without_building
 
 # The layers diffusers' layerwise casting stores in fp8 (model.transformer_dtype); all else stays in the compute dtype.
 FP8_STORED_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
@@ -27,7 +27,7 @@ def dry_run(cfg: DictConfig) -> str:
     """The report of a validated config (printed by train.py)."""
     from hydra.utils import instantiate
 
-    from src.training import build_module
+    from difftrain.training import build_module
 
     with without_building():
         module = build_module(cfg)
@@ -112,7 +112,7 @@ def schedule_lines(trainer: DictConfig, batch_size: int, world: int, batches: in
 
 
 def cache_lines(root, samples: list[Sample], unknown: str) -> list[str]:
-    from src.datamodules.cache import EmbeddingCache
+    from difftrain.datamodules.cache import EmbeddingCache
 
     latents = {s.latent_path for s in samples}
     texts = {s.text_path for s in samples}

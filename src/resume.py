@@ -19,8 +19,8 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from src.config.errors import ConfigError
-from src.utils.atomic import remove_stale_temps, write_text
+from difftrain.config.errors import ConfigError
+from difftrain.utils.atomic import remove_stale_temps, write_text
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from src.config.validate import ConfigError, validate
+from difftrain.config.validate import ConfigError, validate
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ class TrainingRun:
 def run(cfg: DictConfig) -> Optional[TrainingRun]:
     validate(cfg)
     if cfg.dry_run:  # the plan printed, nothing loaded or trained
-        from src.dry_run import dry_run
+        from difftrain.dry_run import dry_run
 
         print(dry_run(cfg))
         return None
@@ -33,11 +33,11 @@ def run(cfg: DictConfig) -> Optional[TrainingRun]:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from src.callbacks.export import ExportCallback
-    from src.callbacks.previews import PreviewCallback
-    from src.dashboards import finish_loggers, log_config
-    from src.resume import ResumableRun, prepare_run_dir, resume_checkpoint
-    from src.utils.checkpoint_io import AtomicCheckpointIO
+    from difftrain.callbacks.export import ExportCallback
+    from difftrain.callbacks.previews import PreviewCallback
+    from difftrain.dashboards import finish_loggers, log_config
+    from difftrain.resume import ResumableRun, prepare_run_dir, resume_checkpoint
+    from difftrain.utils.checkpoint_io import AtomicCheckpointIO
 
     ckpt_path = resume_checkpoint(cfg)  # before any model loads: a resume that cannot work fails in seconds
     L.seed_everything(cfg.seed, workers=True)

@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-import src.config  # noqa: F401  (resolvers)
+import difftrain.config  # noqa: F401  (resolvers)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_IMAGES = ROOT / "data" / "examples" / "images"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from src.utils.atomic import atomic_directory, save_safetensors, write_text
+from difftrain.utils.atomic import atomic_directory, save_safetensors, write_text
 
 
 class Crash(Exception):
@@ -40,7 +40,7 @@ def test_failed_file_write_keeps_the_previous_file(tmp_path, monkeypatch):
             f.write(b"\x08\x00\x00")
         raise Crash
 
-    monkeypatch.setattr("src.utils.atomic.save_file", dies_half_way)
+    monkeypatch.setattr("difftrain.utils.atomic.save_file", dies_half_way)
     with pytest.raises(Crash):
         save_safetensors({"w": torch.zeros(2)}, path)
     assert torch.equal(load_file(path)["w"], torch.ones(2))

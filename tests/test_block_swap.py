@@ -10,10 +10,10 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 from torch.autograd.graph import register_multi_grad_hook
 
-from src.config.validate import ConfigError, validate
-from src.modules.block_swap import tensors_in
-from src.modules.flux import FluxModule
-from src.training import run
+from difftrain.config.validate import ConfigError, validate
+from difftrain.modules.block_swap import tensors_in
+from difftrain.modules.flux import FluxModule
+from difftrain.training import run
 from tests.conftest import EXAMPLE_IMAGES
 
 FAST = ("dataset.resolutions=[64]", "trainer.max_steps=3", "checkpoint_every_n_steps=null")

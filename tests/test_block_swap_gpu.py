@@ -8,7 +8,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from hydra.utils import instantiate
 
-from src.modules.flux import FluxModule
+from difftrain.modules.flux import FluxModule
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs CUDA: block swap's copies, side stream and pinned memory run only there")

@@ -6,7 +6,7 @@ import re
 import torch
 from safetensors.torch import load_file
 
-from src.training import build_module, run
+from difftrain.training import build_module, run
 from tests.conftest import compose_config
 
 CHROMA = ("model=chroma", "model.tiny=true", "model.dtype=float32", "model.max_sequence_length=32",

@@ -10,7 +10,7 @@ from diffusers import ChromaTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_chroma_transformer_checkpoint_to_diffusers
 from safetensors.torch import load_file, save_file
 
-from src.formats.chroma import (
+from difftrain.formats.chroma import (
     CHROMA,
     load_chroma_transformer,
     lora_from_comfyui,
@@ -18,7 +18,7 @@ from src.formats.chroma import (
     save_chroma_transformer,
     transformer_config,
 )
-from src.tiny import chroma as tiny_chroma
+from difftrain.tiny import chroma as tiny_chroma
 
 # The released Chroma's widths (diffusers' converter hard-codes them), one block of each kind.
 REAL_CONFIG = dict(patch_size=1, in_channels=64, out_channels=64, num_layers=1, num_single_layers=1,

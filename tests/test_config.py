@@ -9,11 +9,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from src.config.family import model_keys
-from src.config.keys import ModelPath
-from src.config.validate import ConfigError, validate
-from src.modules.flux import FluxModule
-from src.modules.wan import WanModule
+from difftrain.config.family import model_keys
+from difftrain.config.keys import ModelPath
+from difftrain.config.validate import ConfigError, validate
+from difftrain.modules.flux import FluxModule
+from difftrain.modules.wan import WanModule
 from tests.conftest import EXAMPLE_IMAGES, ROOT
 
 
@@ -58,9 +58,9 @@ MISTAKES = {
     "model path that does not exist": (["model=sdxl", "model.checkpoint_path=/no/such.safetensors"],
                                        ["model.checkpoint_path=/no/such.safetensors does not exist",
                                         "It should be the original single-file checkpoint."]),
-    "unknown family class": (["model._target_=src.modules.flux.FluxModel"],
-                             ["model._target_=src.modules.flux.FluxModel", "src.modules.flux has no class FluxModel"]),
-    "unknown family module": (["model._target_=src.modules.flax.FluxModule"], ["no module src.modules.flax"]),
+    "unknown family class": (["model._target_=difftrain.modules.flux.FluxModel"],
+                             ["model._target_=difftrain.modules.flux.FluxModel", "difftrain.modules.flux has no class FluxModel"]),
+    "unknown family module": (["model._target_=difftrain.modules.flax.FluxModule"], ["no module difftrain.modules.flax"]),
     "typo in a test file family's key": ([*LEAF, "+model.leaf_mod=slow"],
                                          ["'model.leaf_mod'", "Did you mean 'model.leaf_mode'?"]),
     "not a choice of a test file family": ([*LEAF, "+model.leaf_mode=medium"],
@@ -134,7 +134,7 @@ def test_a_family_in_a_test_file_gets_its_keys_from_its_constructors(make_config
 
 
 def test_a_subclass_default_keeps_the_base_rules(make_config):
-    keys = model_keys("src.modules.sdxl.SDXLModule")
+    keys = model_keys("difftrain.modules.sdxl.SDXLModule")
     assert keys["timestep_sample_method"].default == "uniform"  # SDXL's, with DiffusionModule's choices
     with pytest.raises(ConfigError) as error:
         validate(make_config("model=sdxl_tiny", "model.timestep_sample_method=normal"))
@@ -189,7 +189,7 @@ VALIDATE_AND_LIST_HEAVY_MODULES = """
 import sys
 from pathlib import Path
 from tests.conftest import compose_config
-from src.config.validate import validate
+from difftrain.config.validate import validate
 validate(compose_config(Path(sys.argv[1]), *sys.argv[2:]))
 print(sorted(m for m in ("diffusers", "transformers", "lightning", "peft") if m in sys.modules))
 """

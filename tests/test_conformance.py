@@ -20,8 +20,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from src.modules.base import DiffusionModule
-from src.training import build_module, run
+from difftrain.modules.base import DiffusionModule
+from difftrain.training import build_module, run
 from tests.conftest import ROOT, compose_config
 
 EDIT_CONTROLS = ROOT / "data" / "examples" / "edit" / "control"

@@ -8,9 +8,9 @@ import yaml
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import OmegaConf
 
-from src.config.naming import sweep_job_name
-from src.dashboards import HIDDEN, dashboard_config
-from src.training import run
+from difftrain.config.naming import sweep_job_name
+from difftrain.dashboards import HIDDEN, dashboard_config
+from difftrain.training import run
 from tests.conftest import ROOT
 
 FAST = ("dataset.resolutions=[64]", "trainer.max_steps=1", "checkpoint_every_n_steps=null")

@@ -12,12 +12,12 @@ from lightning import Callback
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from src.datamodules.buckets import BucketBatchSampler
-from src.datamodules.cache import EmbeddingCache, NonFiniteError
-from src.datamodules.media import load_image, scan_directory
-from src.dry_run import dry_run
-from src.modules.flux import FluxEncoders, FluxModule
-from src.training import run
+from difftrain.datamodules.buckets import BucketBatchSampler
+from difftrain.datamodules.cache import EmbeddingCache, NonFiniteError
+from difftrain.datamodules.media import load_image, scan_directory
+from difftrain.dry_run import dry_run
+from difftrain.modules.flux import FluxEncoders, FluxModule
+from difftrain.training import run
 from tests.test_dataset_pipeline import EXAMPLES, copy_examples
 
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from src.datamodules.cache import EmbeddingCache, is_complete_safetensors
-from src.datamodules.datamodule import EmptyDatasetError
-from src.modules.base import DiffusionModule
-from src.modules.flux import FluxModule
-from src.training import run
+from difftrain.datamodules.cache import EmbeddingCache, is_complete_safetensors
+from difftrain.datamodules.datamodule import EmptyDatasetError
+from difftrain.modules.base import DiffusionModule
+from difftrain.modules.flux import FluxModule
+from difftrain.training import run
 from tests.conftest import EXAMPLE_IMAGES
 
 FAST = ("dataset.resolutions=[64]", "trainer.max_steps=1", "checkpoint_every_n_steps=null")
@@ -38,7 +38,7 @@ def encoded(training_run) -> tuple[int, int]:
 
 @pytest.fixture
 def cache_log(caplog):
-    caplog.set_level(logging.INFO, logger="src.datamodules.datamodule")
+    caplog.set_level(logging.INFO, logger="difftrain.datamodules.datamodule")
     return caplog
 
 

@@ -6,8 +6,8 @@ import sys
 
 from diffusers import FluxPipeline
 
-from src.tiny import flux as tiny_flux
-from src.tiny import tiny_model_dir
+from difftrain.tiny import flux as tiny_flux
+from difftrain.tiny import tiny_model_dir
 from tests.conftest import ROOT
 
 

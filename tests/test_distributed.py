@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from src.tiny import CACHE_ENV
+from difftrain.tiny import CACHE_ENV
 from tests.conftest import ROOT
 
 ENCODED = re.compile(r"Cache: encoded (\d+) latent\(s\) and (\d+) caption\(s\)")

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from src.dry_run import dry_run, weight_memory
-from src.training import build_module, run
+from difftrain.dry_run import dry_run, weight_memory
+from difftrain.training import build_module, run
 from tests.conftest import EXAMPLE_IMAGES, ROOT, compose_config
 
 FLUX = ("model=flux_tiny", "dataset.resolutions=[64]")

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from src.config.validate import ConfigError
-from src.datamodules.datamodule import DiffusionDataModule, control_folders
-from src.datamodules.media import load_image
-from src.modules.flux import FluxModule
-from src.training import run
+from difftrain.config.validate import ConfigError
+from difftrain.datamodules.datamodule import DiffusionDataModule, control_folders
+from difftrain.datamodules.media import load_image
+from difftrain.modules.flux import FluxModule
+from difftrain.training import run
 from tests.conftest import ROOT
 
 EDIT_EXAMPLE = ROOT / "data" / "examples" / "edit"

@@ -4,8 +4,8 @@ sizes trained, dataset size) in every family's format; SDXL's kohya metadata nam
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from src.callbacks.export import export_name
-from src.training import run
+from difftrain.callbacks.export import export_name
+from difftrain.training import run
 from tests.conftest import EXAMPLE_IMAGES, compose_config
 
 FAMILIES = {
@@ -37,7 +37,7 @@ def test_flat_files_beside_folders_pruned_to_the_newest_with_the_run_metadata(tm
 
     meta = metadata(exports / "shapes_v1.safetensors")
     images = len(list(EXAMPLE_IMAGES.glob("*.jpg")))
-    assert meta["difftrain.family"] == "src.modules.flux.FluxModule"
+    assert meta["difftrain.family"] == "difftrain.modules.flux.FluxModule"
     assert (meta["difftrain.rank"], meta["difftrain.alpha"], meta["difftrain.steps"]) == ("4", "8", "3")
     assert meta["difftrain.dataset_size"] == str(images)
     assert meta["difftrain.resolutions"].split(", ")[0] == "64x64"

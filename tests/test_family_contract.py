@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from src.config.keys import ModelPath
-from src.config.validate import ConfigError, validate
-from src.formats.single_file import NATIVE_PREFIX
-from src.modules.base import DiffusionModule
-from src.tiny import tiny_model_dir
-from src.training import run
+from difftrain.config.keys import ModelPath
+from difftrain.config.validate import ConfigError, validate
+from difftrain.formats.single_file import NATIVE_PREFIX
+from difftrain.modules.base import DiffusionModule
+from difftrain.tiny import tiny_model_dir
+from difftrain.training import run
 from tests.conftest import compose_config
 
 TEXT_WIDTH, LATENT_CHANNELS, FACTOR = 8, 4, 8

@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from src.tiny import flux as tiny_flux
-from src.tiny import tiny_model_dir
-from src.training import run
+from difftrain.tiny import flux as tiny_flux
+from difftrain.tiny import tiny_model_dir
+from difftrain.training import run
 from tests.conftest import ROOT, compose_config
 
 MAX_STEPS = 6

@@ -6,8 +6,8 @@ from diffusers import FluxTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 from safetensors.torch import load_file, save_file
 
-from src.formats.flux import bfl_to_diffusers, diffusers_to_bfl, load_bfl_transformer, save_bfl_transformer
-from src.tiny.flux import TRANSFORMER_CONFIG
+from difftrain.formats.flux import bfl_to_diffusers, diffusers_to_bfl, load_bfl_transformer, save_bfl_transformer
+from difftrain.tiny.flux import TRANSFORMER_CONFIG
 
 # The 12B sizes, which diffusers' own converter hard-codes, with one block of each kind.
 REAL_CONFIG = dict(

@@ -4,9 +4,9 @@ FluxKontextPipeline feeds it, and the loss covers the target's tokens only."""
 import torch
 from PIL import Image
 
-from src.datamodules.media import load_image
-from src.modules.flux import pack_with_ids
-from src.training import build_module
+from difftrain.datamodules.media import load_image
+from difftrain.modules.flux import pack_with_ids
+from difftrain.training import build_module
 from tests.conftest import ROOT, compose_config
 
 KONTEXT = ("model=flux_kontext", "model.tiny=true", "model.dtype=float32", "model.max_sequence_length=64",

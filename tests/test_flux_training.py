@@ -6,10 +6,10 @@ import torch
 from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file
 
-from src.formats.flux import load_bfl_transformer
-from src.tiny import flux as tiny_flux
-from src.tiny import tiny_model_dir
-from src.training import run
+from difftrain.formats.flux import load_bfl_transformer
+from difftrain.tiny import flux as tiny_flux
+from difftrain.tiny import tiny_model_dir
+from difftrain.training import run
 
 FAST = ("dataset.resolutions=[64]", "trainer.max_steps=3", "checkpoint_every_n_steps=null")
 BFL_BLOCK_LINEAR = re.compile(r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02]|mod\.lin)"

@@ -2,8 +2,8 @@
 tiny model a family reads, so nothing is built inside a process group (issue 13)."""
 import pytest
 
-from src.tiny import CACHE_ENV, without_building
-from src.training import build_module
+from difftrain.tiny import CACHE_ENV, without_building
+from difftrain.training import build_module
 from tests.conftest import ROOT
 
 FAMILY_CONFIGS = sorted(path.stem for path in (ROOT / "conf" / "model").glob("*.yaml"))

@@ -17,8 +17,8 @@ from lightning import Callback
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
-from src.config.validate import ConfigError
-from src.training import run
+from difftrain.config.validate import ConfigError
+from difftrain.training import run
 from tests.conftest import ROOT
 
 
@@ -116,7 +116,7 @@ def test_fsdp_lora_is_sharded_trains_like_one_process_and_resumes_exactly(make_c
 
 @pytest.mark.parametrize("preset", ["auto", "ddp", "fsdp"])
 def test_tested_strategy_presets_are_accepted(make_config, preset):
-    from src.config.validate import validate
+    from difftrain.config.validate import validate
 
     validate(make_config(f"trainer={preset}", "trainer.devices=2"))
 

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from src.formats.keymap import Fused, KeyMap, block_count, rms_scales, swap_halves, widths, within
+from difftrain.formats.keymap import Fused, KeyMap, block_count, rms_scales, swap_halves, widths, within
 
 WIDTH = 4
 BLOCK, LAYER = "blocks.{i}.", "layers.{i}."

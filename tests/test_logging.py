@@ -3,7 +3,7 @@ import csv
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from src.training import run
+from difftrain.training import run
 from tests.conftest import EXAMPLE_IMAGES
 
 QUANTILES = [f"heldout/loss_quantile_{q / 10:.2f}" for q in range(1, 10)]

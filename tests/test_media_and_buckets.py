@@ -8,15 +8,15 @@ import pytest
 import torch
 from PIL import ExifTags, Image
 
-from src.config.validate import ConfigError
-from src.datamodules.buckets import (
+from difftrain.config.validate import ConfigError
+from difftrain.datamodules.buckets import (
     BucketBatchSampler,
     aspect_ratio_buckets,
     assign_buckets,
     bucket_size,
     resolution_area,
 )
-from src.datamodules.media import ControlFolders, MediaItem, SkippedFile, load_image, scan_directory
+from difftrain.datamodules.media import ControlFolders, MediaItem, SkippedFile, load_image, scan_directory
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

@@ -5,9 +5,9 @@ import torch
 from lightning import Callback
 from safetensors.torch import load_file
 
-from src.config.validate import ConfigError, validate
-from src.optim.adamw8bit_kahan import AdamW8bitKahan
-from src.training import run
+from difftrain.config.validate import ConfigError, validate
+from difftrain.optim.adamw8bit_kahan import AdamW8bitKahan
+from difftrain.training import run
 
 FULL_FT = ("dataset.resolutions=[64]", "trainer.max_steps=3", "adapter=none", "trainer.gradient_clip_val=0",
            "checkpoint_every_n_steps=null")

@@ -1,7 +1,7 @@
 """Optimizer config groups, gradient accumulation and clipping through the real trainer."""
 import torch
 
-from src.training import run
+from difftrain.training import run
 
 
 def test_adamw8bit_keeps_8bit_states(make_config):

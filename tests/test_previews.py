@@ -14,10 +14,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from difftrain.config.samples import sample_requests
+from difftrain.config.validate import ConfigError, validate
+from difftrain.training import run
 from scripts.sample import sample
-from src.config.samples import sample_requests
-from src.config.validate import ConfigError, validate
-from src.training import run
 from tests.conftest import ROOT, compose_config
 
 WAN = ("model=wan21_t2v", "model.tiny=true", "model.dtype=float32", "model.max_sequence_length=16",

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from src.datamodules.media import load_image
-from src.modules.qwen_image import condition_area, to_pil
-from src.tiny import qwen_image as tiny_qwen
-from src.training import build_module, run
+from difftrain.datamodules.media import load_image
+from difftrain.modules.qwen_image import condition_area, to_pil
+from difftrain.tiny import qwen_image as tiny_qwen
+from difftrain.training import build_module, run
 from tests.conftest import ROOT, compose_config
 
 TINY = ("model.tiny=true", "model.dtype=float32", "adapter=none")

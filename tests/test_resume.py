@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from src.config.errors import ConfigError
-from src.training import run
-from src.utils.checkpoint_io import AtomicCheckpointIO
+from difftrain.config.errors import ConfigError
+from difftrain.training import run
+from difftrain.utils.checkpoint_io import AtomicCheckpointIO
 from tests.conftest import compose_config
 
 RUN = ("adapter.rank=4", "optimizer.lr=1e-2", "trainer.max_steps=4", "checkpoint_every_n_steps=2",
@@ -70,7 +70,7 @@ def test_temp_files_of_killed_writers_are_removed_when_the_run_starts_again(resu
 
 
 def test_max_steps_0_writes_the_final_export_it_names(runs, caplog):
-    with caplog.at_level(logging.INFO, logger="src.training"):
+    with caplog.at_level(logging.INFO, logger="difftrain.training"):
         result = run(compose_config(runs / "zero", *RUN, "trainer.max_steps=0"))
     assert result.trainer.global_step == 0
     assert (runs / "zero" / LORA).is_file()
@@ -93,13 +93,13 @@ def test_resume_auto_takes_only_a_run_with_the_same_settings(runs, tmp_path, cap
     mine = copy_run(runs, tmp_path / "job0")
     run(compose_config(tmp_path / "job1", *RUN, "optimizer.lr=5e-3", "trainer.max_steps=1",
                        "checkpoint_every_n_steps=1"))
-    with caplog.at_level(logging.INFO, logger="src.resume"):
+    with caplog.at_level(logging.INFO, logger="difftrain.resume"):
         result = run(compose_config(tmp_path / "again", *RUN, "resume=auto"))
     assert result.trainer.ckpt_path == str(mine / "checkpoints" / "last.ckpt")
     assert any(str(mine) in r.getMessage() for r in caplog.records), "no line says which run is resumed"
 
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="src.resume"):
+    with caplog.at_level(logging.INFO, logger="difftrain.resume"):
         fresh = run(compose_config(tmp_path / "other", *RUN, "adapter.rank=8", "trainer.max_steps=0", "resume=auto"))
     assert fresh.trainer.ckpt_path is None
     assert any("adapter.rank" in r.getMessage() for r in caplog.records), "no line says why no run matched"

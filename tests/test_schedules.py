@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from src.modules.timesteps import TimestepSampler, flux_shift_for
-from src.optim.schedulers import build_scheduler
+from difftrain.modules.timesteps import TimestepSampler, flux_shift_for
+from difftrain.optim.schedulers import build_scheduler
 
 
 @pytest.mark.parametrize("shift", [None, 3.0])

@@ -16,15 +16,15 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from src.config.validate import ConfigError
-from src.datamodules.datamodule import Sample, collate
-from src.datamodules.media import MediaItem, load_image
-from src.formats.sdxl import SDXL_BASE_CONFIG_DIR, kohya_module_name, unet_block_map, unet_to_sgm, vae_to_ldm
-from src.modules.base import DiffusionModule
-from src.modules.sdxl import SDXLModule
-from src.tiny import sdxl as tiny_sdxl
-from src.tiny import tiny_model_dir
-from src.training import run
+from difftrain.config.validate import ConfigError
+from difftrain.datamodules.datamodule import Sample, collate
+from difftrain.datamodules.media import MediaItem, load_image
+from difftrain.formats.sdxl import SDXL_BASE_CONFIG_DIR, kohya_module_name, unet_block_map, unet_to_sgm, vae_to_ldm
+from difftrain.modules.base import DiffusionModule
+from difftrain.modules.sdxl import SDXLModule
+from difftrain.tiny import sdxl as tiny_sdxl
+from difftrain.tiny import tiny_model_dir
+from difftrain.training import run
 from tests.conftest import ROOT, compose_config
 
 FAST = ("model=sdxl_tiny", "dataset.resolutions=[64]", "trainer.max_steps=3", "checkpoint_every_n_steps=null")

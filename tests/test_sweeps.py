@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
 
-from src.config.errors import ConfigError
-from src.utils.sweep_jobs import require_objective
+from difftrain.config.errors import ConfigError
+from difftrain.utils.sweep_jobs import require_objective
 from tests.conftest import EXAMPLE_IMAGES, ROOT
 
 TRIALS = 4

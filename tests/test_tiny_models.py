@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import src.tiny as tiny
-from src.tiny import flux, wan
+import difftrain.tiny as tiny
+from difftrain.tiny import flux, wan
 from tests.conftest import ROOT
 
 
@@ -138,7 +138,7 @@ def test_script_builds_into_out(tmp_path, flux_dir):
 def test_flux_bfl_file_holds_the_folder_transformer(flux_dir):
     from diffusers import FluxTransformer2DModel
 
-    from src.formats.flux import load_bfl_transformer
+    from difftrain.formats.flux import load_bfl_transformer
 
     folder_model = FluxTransformer2DModel.from_pretrained(flux_dir, subfolder="transformer", local_files_only=True)
     bfl_model = load_bfl_transformer(str(flux_dir / flux.BFL_TRANSFORMER_FILE), flux_dir, torch.float32)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from src.datamodules.buckets import clip_starts, frame_buckets_with_image, video_frame_bucket
-from src.datamodules.cache import file_digest
-from src.datamodules.media import ProbeIndex, load_video, probe_video, resample_indices, scan_directory
+from difftrain.datamodules.buckets import clip_starts, frame_buckets_with_image, video_frame_bucket
+from difftrain.datamodules.cache import file_digest
+from difftrain.datamodules.media import ProbeIndex, load_video, probe_video, resample_indices, scan_directory
 from tests.conftest import ROOT
 
 LEVEL_STEP = 7  # grey level of frame i is LEVEL_STEP * i: codecs keep it within +-3

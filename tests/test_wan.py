@@ -18,12 +18,12 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from src.config.family import choices, model_keys
-from src.formats import wan as formats
-from src.modules.wan import FULL_FILE, LORA_FILE, VARIANTS
-from src.tiny import tiny_model_dir
-from src.tiny import wan as tiny_wan
-from src.training import run
+from difftrain.config.family import choices, model_keys
+from difftrain.formats import wan as formats
+from difftrain.modules.wan import FULL_FILE, LORA_FILE, VARIANTS
+from difftrain.tiny import tiny_model_dir
+from difftrain.tiny import wan as tiny_wan
+from difftrain.training import run
 from tests.conftest import ROOT
 
 FAST = ("dataset=videos", "model.tiny=true", "model.dtype=float32", "model.max_sequence_length=16",
@@ -226,5 +226,5 @@ def test_tiny_a14b_checkpoint_is_the_original_layout_and_rebuilds_byte_identical
 
 
 def test_every_variant_has_a_config_file_and_is_known_to_the_schema():
-    assert set(choices(model_keys("src.modules.wan.WanModule")["variant"].annotation)) == set(VARIANTS)
+    assert set(choices(model_keys("difftrain.modules.wan.WanModule")["variant"].annotation)) == set(VARIANTS)
     assert {p.stem for p in (ROOT / "conf" / "model").glob("wan*.yaml")} == set(VARIANTS)

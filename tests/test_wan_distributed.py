@@ -7,7 +7,7 @@ import sys
 
 from safetensors.torch import load_file
 
-from src.modules.wan import LORA_FILE
+from difftrain.modules.wan import LORA_FILE
 from tests.conftest import ROOT
 from tests.test_distributed import encoded_counts
 

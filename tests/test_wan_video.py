@@ -11,12 +11,12 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from src.config.validate import ConfigError
-from src.datamodules.buckets import clip_starts
-from src.datamodules.cache import EmbeddingCache
-from src.datamodules.datamodule import MediaToEncode
-from src.datamodules.media import resample_indices
-from src.training import run
+from difftrain.config.validate import ConfigError
+from difftrain.datamodules.buckets import clip_starts
+from difftrain.datamodules.cache import EmbeddingCache
+from difftrain.datamodules.datamodule import MediaToEncode
+from difftrain.datamodules.media import resample_indices
+from difftrain.training import run
 from tests.conftest import ROOT
 from tests.test_video_data import shown_indices, write_indexed_video
 
@@ -44,7 +44,7 @@ def samples_by_name(datamodule) -> dict[str, list]:
 
 @pytest.mark.parametrize("mode", ["single_beginning", "single_middle", "multiple_overlapping"])
 def test_clips_are_cut_from_the_resampled_video_as_the_mode_says(make_config, video_folder, caplog, mode):
-    caplog.set_level(logging.WARNING, logger="src.datamodules.datamodule")
+    caplog.set_level(logging.WARNING, logger="difftrain.datamodules.datamodule")
     Image.new("RGB", (40, 30), "red").save(video_folder / "still.png")  # text-to-video also trains on images
     (video_folder / "still.txt").write_text("a red picture")
     result = run(make_config("model=wan21_t2v", *FAST, f"dataset.path={video_folder}",

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from difftrain.config.errors import ConfigError
+from difftrain.training import run
 from scripts import make_shards
-from src.config.errors import ConfigError
-from src.training import run
 from tests.conftest import EXAMPLE_IMAGES
 
 FAST = ("dataset.resolutions=[64]", "trainer.max_steps=2", "checkpoint_every_n_steps=null")

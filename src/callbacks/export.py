@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 from lightning import Callback, LightningModule, Trainer
 
-from src.utils.atomic import atomic_directory, copy_file
+from difftrain.utils.atomic import atomic_directory, copy_file
 
 ExportLayout = Literal["folders", "flat", "both"]
 SAVE_POINT_FOLDER = re.compile(r"(?:step|epoch)\d+")

@@ -19,8 +19,8 @@ from omegaconf import DictConfig
 from PIL import Image
 from tensorboard.compat.proto.summary_pb2 import Summary
 
-from src.config.samples import SampleRequest, sample_requests
-from src.utils.atomic import atomic_directory
+from difftrain.config.samples import SampleRequest, sample_requests
+from difftrain.utils.atomic import atomic_directory
 
 
 class PreviewCallback(Callback):

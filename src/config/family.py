@@ -46,7 +46,7 @@ class ClassSource:
 def model_keys(target: Optional[str]) -> dict[str, Key]:
     """The config keys of the family class `target` ("package.module.Class"), base class keys first."""
     if not target:
-        raise ConfigError("model._target_ is not set. Name the family class, e.g. src.modules.flux.FluxModule.")
+        raise ConfigError("model._target_ is not set. Name the family class, e.g. difftrain.modules.flux.FluxModule.")
     return constructor_keys(target, "model._target_", SUPPLIED_BY_TRAINER)
 
 

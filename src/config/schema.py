@@ -29,7 +29,7 @@ class DirectoryConfig:
 
 @dataclass
 class DatasetConfig:
-    _target_: str = "src.datamodules.datamodule.DiffusionDataModule"
+    _target_: str = "difftrain.datamodules.datamodule.DiffusionDataModule"
     path: Optional[str] = None
     directories: list[DirectoryConfig] = field(default_factory=list)
     resolutions: list[Any] = field(default_factory=lambda: [512])
@@ -55,7 +55,7 @@ class DatasetConfig:
 class WebDatasetConfig(DatasetConfig):
     """dataset=webdataset: tar shards instead of folders (src/datamodules/webdataset.py)."""
 
-    _target_: str = "src.datamodules.webdataset.WebDataModule"
+    _target_: str = "difftrain.datamodules.webdataset.WebDataModule"
     shards: str = "???"  # paths or URLs as webdataset reads them: brace patterns, '::'-separated lists
 
 

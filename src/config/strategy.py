@@ -7,7 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import ConfigError
 
 # preset name -> its trainer.strategy: a Lightning strategy name or a strategy class
-PRESETS = {"auto": "auto", "ddp": "ddp", "fsdp": "src.parallel.fsdp.FullyShardedStrategy",
+PRESETS = {"auto": "auto", "ddp": "ddp", "fsdp": "difftrain.parallel.fsdp.FullyShardedStrategy",
            "deepspeed": "lightning.pytorch.strategies.DeepSpeedStrategy"}
 SHARDED = ("fsdp", "deepspeed")
 

@@ -12,7 +12,7 @@ from typing import Any, Optional, Union, get_args, get_origin
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
-from src.datamodules.shards import check_shards
+from difftrain.datamodules.shards import check_shards
 
 from .errors import ConfigError
 from .family import Key, choices, constructor_keys, keys_schema, marker, model_keys

@@ -7,7 +7,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 import numpy
 from torch.utils.data import Sampler
 
-from src.config.schema import VIDEO_CLIP_MODES
+from difftrain.config.schema import VIDEO_CLIP_MODES
 
 Size = tuple[int, int]
 

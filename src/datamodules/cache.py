@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
-from src.utils.atomic import save_safetensors
+from difftrain.utils.atomic import save_safetensors
 
 SAMPLE = 1 << 20
 

@@ -22,8 +22,8 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from src.config.validate import ConfigError
-from src.modules.base import DiffusionModule
+from difftrain.config.validate import ConfigError
+from difftrain.modules.base import DiffusionModule
 
 from .buckets import (
     BucketBatchSampler,

@@ -23,8 +23,8 @@ from PIL import ExifTags, Image, ImageOps
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from src.config.validate import ConfigError
-from src.utils.atomic import write_text
+from difftrain.config.validate import ConfigError
+from difftrain.utils.atomic import write_text
 
 from .cache import file_digest
 

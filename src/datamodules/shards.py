@@ -6,7 +6,7 @@ from urllib.parse import urlparse
 from braceexpand import braceexpand
 from omegaconf import DictConfig
 
-from src.config.errors import ConfigError
+from difftrain.config.errors import ConfigError
 
 EXAMPLE = "'dataset.shards=\"/data/shards/train-{000000..000009}.tar\"'"
 

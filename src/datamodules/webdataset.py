@@ -15,7 +15,7 @@ from typing import Optional
 
 import webdataset as wds
 
-from src.utils.atomic import replacing
+from difftrain.utils.atomic import replacing
 
 from .datamodule import DiffusionDataModule
 from .media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaItem, ProbeIndex, ScanResult, SkippedFile, _probe_file

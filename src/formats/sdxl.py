@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from src.utils.atomic import save_safetensors
+from difftrain.utils.atomic import save_safetensors
 
 from .keymap import require_consumed
 from .single_file import NATIVE_PREFIX

@@ -13,7 +13,7 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from src.utils.atomic import save_safetensors
+from difftrain.utils.atomic import save_safetensors
 
 StateDict = dict[str, torch.Tensor]
 # ComfyUI's prefix of native transformer keys: LoRA files use it bare, checkpoints often under `model.`.

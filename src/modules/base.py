@@ -18,11 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from src.config.keys import Choices
-from src.config.validate import ConfigError
-from src.optim.gradient_release import GradientReleaseOptimizer
-from src.parallel.fsdp import gathered_state_dict, shard_parts, whole_tensor
-from src.tiny import tiny_model
+from difftrain.config.keys import Choices
+from difftrain.config.validate import ConfigError
+from difftrain.optim.gradient_release import GradientReleaseOptimizer
+from difftrain.parallel.fsdp import gathered_state_dict, shard_parts, whole_tensor
+from difftrain.tiny import tiny_model
 
 from .block_swap import BlockSwap
 from .checkpointing import checkpoint_blocks

@@ -11,13 +11,13 @@ from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, F
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, T5EncoderModel
 
-from src.config.keys import ModelPath
-from src.datamodules.cache import fingerprint_files
-from src.formats import chroma as formats
-from src.formats.single_file import read_shapes, strip_comfy_prefix
-from src.tiny import chroma as tiny_chroma
-from src.tiny import tiny_model_dir
-from src.utils.atomic import save_safetensors
+from difftrain.config.keys import ModelPath
+from difftrain.datamodules.cache import fingerprint_files
+from difftrain.formats import chroma as formats
+from difftrain.formats.single_file import read_shapes, strip_comfy_prefix
+from difftrain.tiny import chroma as tiny_chroma
+from difftrain.tiny import tiny_model_dir
+from difftrain.utils.atomic import save_safetensors
 
 from .base import skeleton
 from .flux import FluxBase, FluxEncoders

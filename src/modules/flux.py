@@ -8,12 +8,12 @@ from typing import Annotated, Optional
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
-from src.config.keys import ModelPath
-from src.datamodules.cache import fingerprint_files
-from src.formats.flux import load_bfl_transformer, save_bfl_transformer
-from src.tiny import flux as tiny_flux
-from src.tiny import tiny_model_dir
-from src.utils.atomic import save_safetensors
+from difftrain.config.keys import ModelPath
+from difftrain.datamodules.cache import fingerprint_files
+from difftrain.formats.flux import load_bfl_transformer, save_bfl_transformer
+from difftrain.tiny import flux as tiny_flux
+from difftrain.tiny import tiny_model_dir
+from difftrain.utils.atomic import save_safetensors
 
 from .base import DiffusionModule, skeleton
 

@@ -40,12 +40,12 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from src.config.keys import ModelPath
-from src.datamodules.cache import fingerprint_files
-from src.formats import qwen_image as formats
-from src.tiny import qwen_image as tiny_qwen
-from src.tiny import tiny_model_dir
-from src.utils.atomic import save_safetensors
+from difftrain.config.keys import ModelPath
+from difftrain.datamodules.cache import fingerprint_files
+from difftrain.formats import qwen_image as formats
+from difftrain.tiny import qwen_image as tiny_qwen
+from difftrain.tiny import tiny_model_dir
+from difftrain.utils.atomic import save_safetensors
 
 from .base import DiffusionModule, skeleton
 from .flux import unpack_latents

@@ -14,10 +14,10 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 from transformers import CLIPTokenizer
 
-from src.config.keys import ModelPath
-from src.config.validate import ConfigError
-from src.datamodules.cache import fingerprint_files
-from src.formats.sdxl import (
+from difftrain.config.keys import ModelPath
+from difftrain.config.validate import ConfigError
+from difftrain.datamodules.cache import fingerprint_files
+from difftrain.formats.sdxl import (
     SDXL_BASE_CONFIG_DIR,
     checkpoint_metadata,
     kohya_lora,
@@ -27,10 +27,10 @@ from src.formats.sdxl import (
     split_parts,
     untrained_tensors,
 )
-from src.tiny import sdxl as tiny_sdxl
-from src.tiny import tiny_model_dir
-from src.tiny.sdxl import CHECKPOINT_FILE as TINY_FILE
-from src.utils.atomic import save_safetensors
+from difftrain.tiny import sdxl as tiny_sdxl
+from difftrain.tiny import tiny_model_dir
+from difftrain.tiny.sdxl import CHECKPOINT_FILE as TINY_FILE
+from difftrain.utils.atomic import save_safetensors
 
 from .base import DiffusionModule, skeleton
 from .noise_schedules import DDPM

@@ -26,14 +26,14 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel
 
-from src.config.keys import Choices, ModelPath
-from src.config.validate import ConfigError
-from src.datamodules.cache import fingerprint_files
-from src.formats import wan as formats
-from src.formats.single_file import read_shapes, save_native, strip_comfy_prefix
-from src.tiny import tiny_model_dir
-from src.tiny import wan as tiny_wan
-from src.utils.atomic import save_safetensors
+from difftrain.config.keys import Choices, ModelPath
+from difftrain.config.validate import ConfigError
+from difftrain.datamodules.cache import fingerprint_files
+from difftrain.formats import wan as formats
+from difftrain.formats.single_file import read_shapes, save_native, strip_comfy_prefix
+from difftrain.tiny import tiny_model_dir
+from difftrain.tiny import wan as tiny_wan
+from difftrain.utils.atomic import save_safetensors
 
 from .base import DiffusionModule, skeleton
 
@@ -46,7 +46,7 @@ FULL_FILE = "transformer_comfyui.safetensors"
 
 @dataclass(frozen=True)
 class Variant:
-    tiny: str  # tiny model (src.tiny.wan.TINY_MODELS)
+    tiny: str  # tiny model (difftrain.tiny.wan.TINY_MODELS)
     cache: str  # latents and text embeddings are shared by variants with the same VAE / T5 / conditioning
     expert: Optional[str] = None  # A14B expert subfolder of the checkpoint
     i2v: bool = False

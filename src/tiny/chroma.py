@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from diffusers import ChromaTransformer2DModel
 
-from src.tiny import flux
+from difftrain.tiny import flux
 
 TRANSFORMER_FILE = "chroma-tiny.safetensors"
 SEED = 0
@@ -25,7 +25,7 @@ def transformer() -> ChromaTransformer2DModel:
 
 
 def build(out_dir: Path) -> None:
-    from src.formats.chroma import save_chroma_transformer
+    from difftrain.formats.chroma import save_chroma_transformer
 
     save_chroma_transformer(transformer().state_dict(), Path(out_dir) / TRANSFORMER_FILE)
 

@@ -5,7 +5,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from src.tiny.tokenizers import clip_tokenizer, t5_tokenizer
+from difftrain.tiny.tokenizers import clip_tokenizer, t5_tokenizer
 
 BFL_TRANSFORMER_FILE = "flux1-tiny-bfl.safetensors"
 SEED = 0
@@ -68,7 +68,7 @@ def pipeline() -> FluxPipeline:
 
 def build(out_dir: Path) -> None:
     """Write the diffusers folder to out_dir and the BFL single-file transformer beside its subfolders."""
-    from src.formats.flux import save_bfl_transformer
+    from difftrain.formats.flux import save_bfl_transformer
 
     pipe = pipeline()
     pipe.save_pretrained(out_dir)

@@ -21,7 +21,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from src.tiny.tokenizers import byte_chars
+from difftrain.tiny.tokenizers import byte_chars
 
 COMFY_TRANSFORMER = "comfyui/qwen_image_bf16.safetensors"
 COMFY_TEXT_ENCODER = "comfyui/qwen_2.5_vl_7b.safetensors"
@@ -79,8 +79,8 @@ def transformer() -> QwenImageTransformer2DModel:
 def build(out_dir: Path) -> None:
     from diffusers import QwenImageEditPipeline
 
-    from src.formats.qwen_image import save_transformer, text_encoder_to_original
-    from src.formats.single_file import save_native
+    from difftrain.formats.qwen_image import save_transformer, text_encoder_to_original
+    from difftrain.formats.single_file import save_native
 
     out_dir = Path(out_dir)
     tok = tokenizer()

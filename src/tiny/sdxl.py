@@ -11,8 +11,8 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from src.formats.sdxl import TE1_PREFIX, TE2_PREFIX, original_checkpoint, save_original_checkpoint, vae_to_ldm
-from src.tiny.tokenizers import clip_tokenizer
+from difftrain.formats.sdxl import TE1_PREFIX, TE2_PREFIX, original_checkpoint, save_original_checkpoint, vae_to_ldm
+from difftrain.tiny.tokenizers import clip_tokenizer
 
 CHECKPOINT_FILE = "sd_xl_tiny.safetensors"
 SEED = 0

@@ -19,8 +19,8 @@ import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-from src.formats.single_file import NATIVE_PREFIX, save_native
-from src.formats.wan import (
+from difftrain.formats.single_file import NATIVE_PREFIX, save_native
+from difftrain.formats.wan import (
     WAN22_LATENTS_MEAN,
     WAN22_LATENTS_STD,
     original_transformer_config,
@@ -28,7 +28,7 @@ from src.formats.wan import (
     umt5_to_original,
     vae_to_native,
 )
-from src.tiny.tokenizers import t5_tokenizer
+from difftrain.tiny.tokenizers import t5_tokenizer
 
 SEED = 0
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"

@@ -4,7 +4,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from src.utils.atomic import replacing
+from difftrain.utils.atomic import replacing
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, read_write
 
-from src.config.errors import ConfigError
+from difftrain.config.errors import ConfigError
 
 
 def require_objective(cfg: DictConfig) -> None:
