@@ -1,7 +1,7 @@
 """Helpers shared by the benchmark scripts: the real Hydra config and module, timing, and table printing.
 
 The scripts run as `python benchmarks/<name>.py`, so this folder is on sys.path; the repository root is added
-here so `src` and `tests` import the same way they do under pytest."""
+here so `tests` imports the same way it does under pytest (`difftrain` is the installed package)."""
 import argparse
 import logging
 import os

@@ -1,10 +1,8 @@
 """Build the tiny random-weight models used by tests, CI and the demo, and print their folders."""
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from difftrain.tiny import CACHE_ENV, build_once, builders, tiny_model_dir  # noqa: E402

@@ -2,10 +2,8 @@
 `python scripts/sample.py model=flux model.diffusers_path=/models/FLUX.1-dev lora=<exported file> prompt="a cat"
 seed=0 steps=20 out=cat.png` -> a PNG (an MP4 for a video family). Keys: conf/sample.yaml."""
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import hydra  # noqa: E402

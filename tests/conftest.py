@@ -14,9 +14,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-import difftrain.config  # noqa: F401  (resolvers)
+import difftrain.config  # resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
+if difftrain.config.PROJECT_ROOT != ROOT:  # an editable install of another checkout would be tested instead
+    raise ImportError(f"difftrain is imported from {difftrain.config.PROJECT_ROOT}: run `pip install -e .` in {ROOT}")
 EXAMPLE_IMAGES = ROOT / "data" / "examples" / "images"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -6,7 +6,11 @@ from omegaconf import OmegaConf
 
 from .naming import path_name, sweep_job_name
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the `difftrain` package: src/ in a checkout
+# The folder holding conf/ and data/examples/: the checkout beside src/, or inside an installed package (the wheel
+# ships them there, see setup.py).
+PROJECT_ROOT = PACKAGE_DIR if (PACKAGE_DIR / "conf").is_dir() else PACKAGE_DIR.parent
+CONFIG_DIR = PROJECT_ROOT / "conf"
 
 
 def register_resolvers() -> None:
