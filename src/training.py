@@ -38,7 +38,9 @@ def run(cfg: DictConfig) -> Optional[TrainingRun]:
     from difftrain.dashboards import finish_loggers, log_config
     from difftrain.resume import ResumableRun, prepare_run_dir, resume_checkpoint
     from difftrain.utils.checkpoint_io import AtomicCheckpointIO
+    from difftrain.utils.logs import lightning_logs_to_root_handlers
 
+    lightning_logs_to_root_handlers()
     ckpt_path = resume_checkpoint(cfg)  # before any model loads: a resume that cannot work fails in seconds
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)

@@ -23,6 +23,7 @@ def test_demo_trains_a_lora_that_diffusers_loads(tmp_path, caplog):
     assert list(tmp_path.glob("outputs/cache/example/*"))
     output = result.stdout + result.stderr
     assert "Epoch 9" in output  # the progress bar ran through the demo's 10 epochs
+    assert sum("Seed set to 42" in line for line in output.splitlines()) == 1  # each Lightning log line once
 
     pipe = FluxPipeline.from_pretrained(tiny_model_dir("flux", tiny_flux.build), local_files_only=True)
     with caplog.at_level(logging.WARNING):
