@@ -1,5 +1,5 @@
 """The shared training step. A family subclass supplies loading, encoders, its denoiser call and its export
-format (the family contract, see DESIGN.md); timestep sampling, loss, LoRA/fp8/full-fine-tune setup,
+format (the family contract, see docs/architecture.md); timestep sampling, loss, LoRA/fp8/full-fine-tune setup,
 optimizer groups, logging, eval loss and checkpoint trimming live here once."""
 import math
 from abc import ABC, abstractmethod
