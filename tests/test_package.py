@@ -41,7 +41,7 @@ def test_wheel_holds_the_package_configs_examples_and_command(tmp_path):
     run_in(source, sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", "dist", ".")
     with zipfile.ZipFile(next((source / "dist").glob("difftrain-*.whl"))) as wheel:
         names = set(wheel.namelist())
-        entry_points = next(wheel.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
+        entry_points = "".join(wheel.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
 
     def shipped(folder: str, pattern: str, prefix: str) -> set[str]:
         files = [p.relative_to(ROOT / folder) for p in (ROOT / folder).rglob(pattern) if p.is_file()]
