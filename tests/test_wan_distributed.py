@@ -20,7 +20,7 @@ def headline(run_dir, cache_dir):
          "trainer.max_steps=2", "logger=none", f"hydra.run.dir={run_dir}", f"dataset.cache_dir={cache_dir}"],
         cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout  # Hydra's console handler
     return [encoded_counts(run_dir / "train.log"), encoded_counts(run_dir / "train_ddp_process_1.log")]
 
 
