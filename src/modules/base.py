@@ -429,9 +429,6 @@ class DiffusionModule(LightningModule, ABC):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
-    def export(self, out_dir: Path, save_dtype: Optional[str] = None) -> None:
-        self.write_export(self.export_weights(save_dtype), out_dir)
-
     def export_weights(self, save_dtype: Optional[str] = None) -> dict[str, torch.Tensor]:
         """What `write_export` writes: the LoRA, or every part's weights, in `save_dtype`. Under FSDP every rank
         must call it (the shards are gathered) and only rank 0 gets the weights."""
