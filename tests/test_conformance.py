@@ -133,6 +133,33 @@ def test_lora_export_loads_in_its_consumer_and_reproduces_our_output(name, lora_
     torch.testing.assert_close(prediction(consumer, batch), our_output, rtol=1e-5, atol=1e-5)
 
 
+def parameters_without_gradient(module: DiffusionModule, batch: dict) -> list[str]:
+    """The trainable parameters that one backward pass of the training loss leaves without a gradient (or
+    an all-zero one: a dead weight)."""
+    module.zero_grad(set_to_none=True)
+    latents = batch["latents"]
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    module.forward_loss(batch, torch.full((latents.shape[0],), 0.6), noise).backward()
+    missing = [name for name, p in module.named_parameters()
+               if p.requires_grad and (p.grad is None or not p.grad.any())]
+    module.zero_grad(set_to_none=True)
+    return missing
+
+
+@pytest.mark.parametrize("name", families())
+def test_every_trainable_parameter_gets_a_gradient(name, lora_run, tmp_path):
+    """DDP requires a gradient for every trainable parameter (and one that never gets any trains nothing): checked
+    for the LoRA and, where the family has one, the full fine-tune."""
+    trained = lora_run(name)
+    batch = next(iter(trained.datamodule.train_dataloader()))
+    modules = {"LoRA": trained.module.train()}
+    if FAMILIES[name].full_export:
+        modules["full fine-tune"] = untrained_module(name, tmp_path).train()
+    for kind, module in modules.items():
+        missing = parameters_without_gradient(module, batch)
+        assert not missing, f"{kind}: no gradient reaches {missing}"
+
+
 @pytest.mark.parametrize("name", families())
 def test_preview_renders_through_the_inference_hook(name, lora_run):
     trained = lora_run(name)

@@ -3,7 +3,7 @@ format (the family contract, see docs/architecture.md); timestep sampling, loss,
 optimizer groups, logging, eval loss and checkpoint trimming live here once."""
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Protocol
@@ -192,6 +192,12 @@ class DiffusionModule(LightningModule, ABC):
         else:
             self.denoiser.load_lora_adapter(self.read_exported_lora(path), prefix=None)
 
+    def discarded_modules(self, denoiser: torch.nn.Module) -> list[str]:
+        """Names of the denoiser's modules whose output the denoiser discards: no gradient ever reaches them, so
+        they get no LoRA and stay frozen in a full fine-tune (DDP requires a gradient for every trainable
+        parameter). Default: none."""
+        return []
+
     def load_loop_encoders(self) -> dict[str, torch.nn.Module]:
         """Frozen encoders that run at every step instead of being cached (HiDream's Llama), by name. They never
         train and are no part of the module's state: not in optimizer groups, checkpoints or exports, and on the
@@ -256,7 +262,8 @@ class DiffusionModule(LightningModule, ABC):
     def configure_model(self) -> None:
         if self.denoiser is not None:
             return
-        denoiser = self._prepare_part("denoiser", self.load_denoiser())
+        denoiser = self.load_denoiser()
+        denoiser = self._prepare_part("denoiser", denoiser, self.discarded_modules(denoiser))
         if self.storage_dtype is not None:
             # The hook directly, not model.enable_layerwise_casting: that also skips every module whose name
             # contains "norm" (all of Flux's modulation linears), where the family's own list should decide.
@@ -311,26 +318,30 @@ class DiffusionModule(LightningModule, ABC):
         with self.block_swap.kept_in_place():
             return super()._apply(fn, recurse)
 
-    def _prepare_part(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
+    def _prepare_part(self, name: str, module: torch.nn.Module, discarded: Sequence[str] = ()) -> torch.nn.Module:
+        """`discarded`: names of the part's modules that never train (see discarded_modules)."""
         trains = self.part_learning_rates().get(name) != 0
         module.train(trains)
         module.requires_grad_(trains and not self.is_lora)
+        for discarded_name in discarded:
+            module.get_submodule(discarded_name).requires_grad_(False)
         if trains and self.is_lora:
-            self._add_lora(module)
+            self._add_lora(module, discarded)
         return module
 
-    def lora_target_modules(self, model: torch.nn.Module) -> list[str]:
+    def lora_target_modules(self, model: torch.nn.Module, discarded: Sequence[str] = ()) -> list[str]:
+        """The Linear layers of the lora_target_blocks, except those in `discarded` modules."""
         targets = []
         for block_name, block in model.named_modules():
             if type(block).__name__ in self.lora_target_blocks:
                 targets += [f"{block_name}.{name}" for name, m in block.named_modules()
                             if isinstance(m, torch.nn.Linear)]
-        return targets
+        return [t for t in targets if not any(t == d or t.startswith(f"{d}.") for d in discarded)]
 
-    def _add_lora(self, model: torch.nn.Module) -> None:
+    def _add_lora(self, model: torch.nn.Module, discarded: Sequence[str]) -> None:
         cfg = self.adapter_cfg
         config = LoraConfig(r=cfg.rank, lora_alpha=self.lora_alpha, lora_dropout=cfg.dropout,
-                            target_modules=self.lora_target_modules(model), init_lora_weights=True)
+                            target_modules=self.lora_target_modules(model, discarded), init_lora_weights=True)
         with torch.random.fork_rng():  # LoRA init must not depend on what consumed the global RNG before
             torch.manual_seed(self.seed)
             inject_adapter_in_model(config, model, adapter_name="default")

@@ -201,6 +201,12 @@ class QwenImageModule(DiffusionModule):
     def base_model(self) -> str:
         return str(self.part_files["transformer"] or self.model_dir)
 
+    def discarded_modules(self, denoiser: QwenImageTransformer2DModel) -> list[str]:
+        # Only the image tokens leave the last block: its text queries, text output projection and text MLP
+        # feed nothing.
+        last = f"transformer_blocks.{len(denoiser.transformer_blocks) - 1}"
+        return [f"{last}.{name}" for name in ("attn.add_q_proj", "attn.norm_added_q", "attn.to_add_out", "txt_mlp")]
+
     def denoiser_skeleton(self) -> QwenImageTransformer2DModel:
         """From the Diffusers folder's transformer config (a single file has the same shapes)."""
         return skeleton(QwenImageTransformer2DModel,
