@@ -23,6 +23,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from difftrain.utils.atomic import replace_directory, temp_sibling
+
 
 class FullyShardedStrategy(ModelParallelStrategy):
     """ModelParallelStrategy with every process of every node on the data-parallel dimension of the mesh (no tensor
@@ -35,6 +37,17 @@ class FullyShardedStrategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str, storage_options: Any = None) -> None:
+        """Every rank writes its shard into one temp folder; once all have, rank 0 swaps it in whole. A crash
+        mid-save leaves the previous checkpoint in place (and a stale temp the next start removes)."""
+        path = Path(self.broadcast(str(filepath)))
+        filling = Path(self.broadcast(str(temp_sibling(path))))
+        super().save_checkpoint(checkpoint, filling, storage_options)
+        self.barrier("checkpoint shards written")
+        if self.is_global_zero:
+            replace_directory(filling, path)
+        self.barrier("checkpoint in place")
 
     def load_checkpoint(self, checkpoint_path: str, weights_only: Optional[bool] = None) -> dict[str, Any]:
         # Lightning's own loader asks the checkpoint for every weight, frozen base included (a LoRA's is not there).

@@ -86,15 +86,20 @@ def atomic_directory(path: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_directory(tmp, path)
+
+
+def replace_directory(filled: Path, path: Path) -> None:
+    """The completely written folder `filled` (a temp sibling of `path`) replaces `path` whole."""
     file_mode = 0o666 & ~current_umask()  # what writers such as diffusers' (safetensors, 0600) did not give
-    for written in tmp.rglob("*"):
+    for written in filled.rglob("*"):
         if written.is_file():
             os.chmod(written, file_mode)
     old = path.with_name(f".{path.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.replace(path, old)
-    os.replace(tmp, path)
+    os.replace(filled, path)
     shutil.rmtree(old, ignore_errors=True)
 
 
