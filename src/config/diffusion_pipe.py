@@ -7,15 +7,14 @@ import argparse
 import json
 import sys
 import tomllib
-from dataclasses import dataclass, field
-from pathlib import Path
 from collections.abc import Container
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
-
-from difftrain.utils.atomic import write_text
+from omegaconf import OmegaConf
 
 from . import CONFIG_DIR
 from .errors import ConfigError
@@ -130,10 +129,10 @@ def import_config(config_path: Path, dataset_path: Optional[Path] = None) -> str
     experiment.groups["model"] = model_config(model, config_path)
     if optimizer is not None:
         experiment.groups["optimizer"] = optimizer_preset(optimizer)
-    ours = compose_ours(experiment.groups)
-    copy_declared("[model] ", model, model_keys(ours.model._target_), "model", experiment)
+    model_declares, optimizer_declares = declared_keys(experiment.groups["model"], experiment.groups.get("optimizer"))
+    copy_declared("[model] ", model, model_declares, "model", experiment)
     if optimizer is not None:
-        copy_declared("[optimizer] ", optimizer, ours.optimizer, "optimizer", experiment)
+        copy_declared("[optimizer] ", optimizer, optimizer_declares, "optimizer", experiment)
     import_adapter(main.get("adapter"), model.get("dtype"), experiment)
     import_main_keys(main, config_path, experiment)
     import_monitoring(main.get("monitoring", {}), experiment)
@@ -227,10 +226,14 @@ def optimizer_preset(optimizer: dict) -> str:
     return OPTIMIZERS[kind]
 
 
-def compose_ours(groups: dict[str, str]) -> DictConfig:
-    """Our config with these model and optimizer choices, composed as train.py composes it."""
+@lru_cache
+def declared_keys(model_config: str, optimizer_preset: Optional[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """The keys our model family and optimizer preset declare, from our configs composed as train.py composes
+    them."""
+    choices = [f"model={model_config}"] + ([f"optimizer={optimizer_preset}"] if optimizer_preset else [])
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=[f"{g}={c}" for g, c in groups.items()])
+        ours = compose("train", overrides=choices)
+    return frozenset(model_keys(ours.model._target_)), frozenset(ours.optimizer)
 
 
 def copy_declared(where: str, table: dict, declared: Container[str], group: str, experiment: Experiment) -> None:
@@ -335,5 +338,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 def write_experiment(text: str, path: Path, overwrite: bool = False) -> Path:
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} exists: choose another name for --write, or pass --overwrite to replace it.")
+    from difftrain.utils.atomic import write_text  # imports torch: only when a file is written
+
     write_text(path, text)
     return path
