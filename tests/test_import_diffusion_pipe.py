@@ -80,8 +80,8 @@ def test_sdxl_full_finetune_with_prodigy_cosine_eval_set_and_wandb():
     assert experiment["model"] == {k: v for k, v in source["model"].items() if k != "type"}
     assert experiment["optimizer"] == {k: v for k, v in source["optimizer"].items() if k != "type"}
     eval_toml = read("eval_dataset.toml")
-    assert experiment["eval_datasets"] == [{"name": "held_out", "resolutions": eval_toml["resolutions"],
-                                            **eval_toml["directory"][0]}]
+    entry = {"resolutions": eval_toml["resolutions"], **eval_toml["directory"][0]}
+    assert experiment["eval_datasets"] == [{"name": "held_out", **entry}, {"name": "eval1", **entry}]
     assert experiment["save_every_n_steps"] == source["save_every_n_steps"]
     assert experiment["save_every_n_epochs"] is None  # only the step schedule, as in diffusion-pipe
     assert experiment["dataset"]["enable_ar_bucket"] is False  # diffusion-pipe's default when unset

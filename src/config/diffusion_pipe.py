@@ -43,6 +43,7 @@ MAIN_KEYS = {
     "map_num_proc": "dataset.cache_workers",
     "uncond_fraction": "dataset.caption_dropout_p",
 }
+LR_SCHEDULERS = ("constant", "linear", "cosine")  # conf/scheduler presets with diffusion-pipe's names
 # Main-config keys without an equivalent -> what to use instead.
 FSDP = "trainer=fsdp trainer.devices=N (FSDP shards the model over the GPUs instead of pipelining it)"
 EVAL_BATCH = "none: eval batches are dataset.batch_size"
@@ -66,8 +67,9 @@ MAIN_INSTEAD = {
     "regenerate_cache": "delete the dataset's cache_dir",
     "disable_block_swap_for_eval": "none: eval runs with the training's block swap",
     "x_axis_examples": "none: the loggers plot against the step",
+    "micro_batch_size_per_gpu": "dataset.batch_size (one batch size for every resolution)",
+    "lr_scheduler": f"scheduler={'|'.join(LR_SCHEDULERS)}",
 }
-LR_SCHEDULERS = ("constant", "linear", "cosine")  # conf/scheduler presets with diffusion-pipe's names
 # Dataset keys (top level) and [[directory]] keys with our name, and those without an equivalent.
 DATASET_KEYS = ("resolutions", "enable_ar_bucket", "min_ar", "max_ar", "num_ar_buckets", "ar_buckets",
                 "frame_buckets", "num_repeats", "caption_prefix", "control_path", "caption_dropout_p",
@@ -108,7 +110,8 @@ class Experiment:
         tree = OmegaConf.create({"defaults": [{f"override /{g}": c} for g, c in self.groups.items()]})
         for dotted_key, value in self.values.items():
             OmegaConf.update(tree, dotted_key, value, force_add=True)
-        header = f"# @package _global_\n# Imported from diffusion-pipe ({source}).\n"
+        header = (f"# @package _global_\n# Imported from diffusion-pipe ({source}); check the paths, then:\n"
+                  f"#   python train.py experiment=<this file's name>\n")
         footer = "".join(f"#   {line}\n" for line in self.left_out)
         if footer:
             footer = "\n# Not imported (no equivalent here), with what to use instead:\n" + footer
@@ -302,16 +305,17 @@ def import_directory(directory: dict, where: str, experiment: Experiment) -> dic
 
 
 def import_eval_datasets(entries: list, config_path: Path) -> list[dict]:
-    """diffusion-pipe's [{name, config}] -> our entries, one per [[directory]] of each eval dataset TOML (its
-    top-level keys apply to each of its folders)."""
+    """diffusion-pipe's entries ({name, config}, or a dataset TOML path named eval<i>) -> ours, one per
+    [[directory]] of each eval dataset TOML (its top-level keys apply to each of its folders)."""
     imported = []
-    for entry in entries:
-        dataset = read_toml(config_path.parent / entry["config"])
+    for i, entry in enumerate(entries):
+        name, config = (entry["name"], entry["config"]) if isinstance(entry, dict) else (f"eval{i}", entry)
+        dataset = read_toml(config_path.parent / config)
         shared = {k: v for k, v in dataset.items() if k in DIRECTORY_KEYS}
         folders = dataset.get("directory", [])
-        for i, directory in enumerate(folders):
-            name = entry["name"] if len(folders) == 1 else f"{entry['name']}_{i + 1}"
-            imported.append({"name": name, **shared, **{k: v for k, v in directory.items() if k in DIRECTORY_KEYS}})
+        for j, directory in enumerate(folders):
+            imported.append({"name": name if len(folders) == 1 else f"{name}_{j + 1}", **shared,
+                             **{k: v for k, v in directory.items() if k in DIRECTORY_KEYS}})
     return imported
 
 
