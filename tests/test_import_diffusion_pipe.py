@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from difftrain.config.diffusion_pipe import import_config, main, wan_variant
+from difftrain.config.diffusion_pipe import import_config, main, model_config
 from difftrain.config.errors import ConfigError
 from difftrain.training import run
 from tests.conftest import EXAMPLE_IMAGES, ROOT
@@ -121,23 +121,31 @@ def test_lokr_adapter_on_chroma():
                                      "dtype": adapter["dtype"]}
 
 
-@pytest.mark.parametrize("ckpt_path, transformer_path, expected", [
-    ("/m/Wan2.1-T2V-1.3B", None, "wan21_t2v"),
-    ("/m/Wan2.1-I2V-14B-480P", None, "wan21_i2v"),
-    ("/m/Wan2.2-TI2V-5B", None, "wan22_5b"),
-    ("/m/Wan2.2-T2V-A14B", "/m/Wan2.2-T2V-A14B/low_noise_model", "wan22_low"),
-    ("/m/Wan2.2-I2V-A14B", "/c/wan2.2_i2v_high_noise_14B_fp16.safetensors", "wan22_high_i2v"),
+@pytest.mark.parametrize("model, expected", [
+    ({"type": "flux", "diffusers_path": "/m/FLUX.1-dev"}, "flux"),
+    ({"type": "flux", "diffusers_path": "/m/FLUX.1-dev", "transformer_path": "/m/flux1-kontext-dev.safetensors"},
+     "flux_kontext"),
+    ({"type": "qwen_image", "diffusers_path": "/m/Qwen-Image"}, "qwen_image"),
+    ({"type": "qwen_image", "transformer_path": "/c/qwen_image_edit_bf16.safetensors"}, "qwen_image_edit"),
+    ({"type": "qwen_image", "diffusers_path": "/m/Qwen-Image-Edit-2509"}, "qwen_image_edit_plus"),
+    ({"type": "sdxl", "checkpoint_path": "/m/sd_xl_base_1.0.safetensors"}, "sdxl"),
+    ({"type": "wan", "ckpt_path": "/m/Wan2.1-T2V-1.3B"}, "wan21_t2v"),
+    ({"type": "wan", "ckpt_path": "/m/Wan2.1-I2V-14B-480P"}, "wan21_i2v"),
+    ({"type": "wan", "ckpt_path": "/m/Wan2.2-TI2V-5B"}, "wan22_5b"),
+    ({"type": "wan", "ckpt_path": "/m/Wan2.2-T2V-A14B", "transformer_path": "/m/Wan2.2-T2V-A14B/low_noise_model"},
+     "wan22_low"),
+    ({"type": "wan", "ckpt_path": "/m/Wan2.2-I2V-A14B",
+      "transformer_path": "/c/wan2.2_i2v_high_noise_14B_fp16.safetensors"}, "wan22_high_i2v"),
 ])
-def test_wan_variant_from_wan_ai_folder_names(ckpt_path, transformer_path, expected):
-    model = {"ckpt_path": ckpt_path, **({"transformer_path": transformer_path} if transformer_path else {})}
-    assert wan_variant(model, Path("config.toml")) == expected
+def test_model_config_follows_the_type_and_the_weights_names(model, expected):
+    assert model_config(model, Path("config.toml")) == expected
 
 
 def test_wan_variant_from_the_checkpoints_config_json(tmp_path):
     experts = tmp_path / "my_wan" / "low_noise_model"
     experts.mkdir(parents=True)
     (experts / "config.json").write_text(json.dumps({"model_type": "i2v", "dim": 5120}))
-    assert wan_variant({"ckpt_path": str(experts.parent)}, Path("config.toml")) == "wan22_low_i2v"
+    assert model_config({"type": "wan", "ckpt_path": str(experts.parent)}, Path("config.toml")) == "wan22_low_i2v"
 
 
 @pytest.mark.parametrize("table, value, message", [
