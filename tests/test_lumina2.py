@@ -110,6 +110,9 @@ def test_lumina_shift_is_the_reference_formula(size, tmp_path):
     torch.testing.assert_close(module.timesteps.at_quantiles(u, module.image_seq_len(latents)), expected.float())
     unshifted = build_module(compose_config(tmp_path / "off", *TINY, "model.lumina_shift=false"))
     torch.testing.assert_close(unshifted.timesteps.at_quantiles(u, module.image_seq_len(latents)), base.float())
+    constant = build_module(compose_config(tmp_path / "constant", *TINY, "model.shift=3"))  # wins, as in the reference
+    torch.testing.assert_close(constant.timesteps.at_quantiles(u, module.image_seq_len(latents)),
+                               (3 * base / (1 + 2 * base)).float())
 
 
 def test_lora_keys_are_the_native_transformers_weights(tmp_path):

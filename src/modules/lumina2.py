@@ -72,8 +72,9 @@ class Lumina2Module(DiffusionModule):
                                       "prompts.",
                  max_sequence_length: int = 256,
                  lumina_shift: bool = True, **common):
-        # lumina_shift is the reference trainer's name for the resolution-dependent shift flux_shift computes.
-        common["flux_shift"] = common.get("flux_shift", False) or lumina_shift
+        # lumina_shift is the reference trainer's name for the resolution-dependent shift flux_shift computes; a
+        # constant shift takes precedence over it, as there.
+        common["flux_shift"] = common.get("flux_shift", False) or (lumina_shift and common.get("shift") is None)
         super().__init__(**common)
         self.diffusers_path = diffusers_path
         self.part_files = {"transformer": transformer_path, "text_encoder": llm_path, "vae": vae_path}
