@@ -118,8 +118,7 @@ def load_text_encoder(path: str | Path, config: Gemma2Config, dtype: torch.dtype
     """Gemma 2 from ComfyUI's single file (`model.<name>`); `config` from the Diffusers folder's text_encoder/."""
     state = read_state_dict(path)
     state.pop(COMFY_TOKENIZER_KEY, None)
-    require_consumed([key for key in state if not key.startswith(GEMMA_PREFIX)], f"{path} (keys without "
-                                                                                  f"{GEMMA_PREFIX})")
+    require_consumed([key for key in state if not key.startswith(GEMMA_PREFIX)], f"{path} (keys without {GEMMA_PREFIX})")
     state = {key.removeprefix(GEMMA_PREFIX): tensor for key, tensor in state.items()}
     return build_with_weights(Gemma2Model, config, state, dtype, path, "a Gemma 2 text encoder")
 
