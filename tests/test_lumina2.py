@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import Lumina2Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_lumina2_to_diffusers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from difftrain.formats import lumina2 as formats
 from difftrain.modules.base import skeleton
@@ -45,10 +45,12 @@ def shapes(state_dict) -> dict:
 
 def test_comfyui_single_files_load_the_diffusers_folders_weights(tmp_path):
     root = tiny_model("lumina2")
+    gemma = tmp_path / "gemma_2_2b_fp16.safetensors"  # as ComfyUI's: its SentencePiece tokenizer beside the weights
+    save_file({**load_file(root / tiny_lumina2.COMFY_TEXT_ENCODER), "spiece_model": torch.arange(8, dtype=torch.uint8)},
+              gemma)
     folder = loaded(tmp_path, f"model.diffusers_path={root}")
     single_files = loaded(tmp_path, f"model.diffusers_path={root}",
-                          f"model.transformer_path={root / tiny_lumina2.COMFY_TRANSFORMER}",
-                          f"model.llm_path={root / tiny_lumina2.COMFY_TEXT_ENCODER}",
+                          f"model.transformer_path={root / tiny_lumina2.COMFY_TRANSFORMER}", f"model.llm_path={gemma}",
                           f"model.vae_path={root / tiny_lumina2.COMFY_VAE}")
     expected, actual = folder.pipeline(folder.denoiser), single_files.pipeline(single_files.denoiser)
     for part in ("transformer", "text_encoder", "vae"):
