@@ -53,7 +53,7 @@ class MediaItem:
     fps: Optional[Fraction] = None  # a video's average framerate; None for an image
     controls: tuple[Path, ...] = ()  # control / reference images, one per control folder
     mask: Optional[Path] = None  # loss mask: white trains, black is ignored
-    caption_path: Optional[Path] = None  # the caption's file, if it has its own
+    caption_path: Optional[Path] = field(default=None, compare=False)  # its caption's file, for messages
 
     @property
     def is_video(self) -> bool:
