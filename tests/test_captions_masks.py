@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from difftrain.config.errors import ConfigError
 from difftrain.datamodules.cache import EmbeddingCache
 from difftrain.datamodules.datamodule import CachedDataset, collate, latent_grid_mask
-from difftrain.datamodules.media import load_image
+from difftrain.datamodules.media import load_image, scan_directory
 from difftrain.modules.base import weighted_mse
 from difftrain.training import run
 from tests.conftest import compose_config
@@ -178,8 +179,8 @@ def test_a_video_mask_weighs_every_frame_alike():
     torch.testing.assert_close(weighted_mse(prediction, target, loss_mask=mask), by_hand)
 
 
-def test_shuffle_tags_without_variants_is_one_line_naming_the_key(make_config, tmp_path):
-    from difftrain.config.errors import ConfigError
-
+def test_caption_key_mistakes_are_one_line_naming_the_key(make_config, tmp_path):
     with pytest.raises(ConfigError, match=r"^[^\n]*cache_shuffle_num[^\n]*$"):
         run(make_config("dataset.resolutions=[64]", "dataset.shuffle_tags=true", "trainer.max_steps=1"))
+    with pytest.raises(ConfigError, match=r"^dataset.caption_extension='caption' [^\n]*\.caption$"):
+        scan_directory(tmp_path, caption_extension="caption")

@@ -234,7 +234,8 @@ class DiffusionDataModule(LightningDataModule):
                         mask_path=mask_path)
         self.directories = [_with_defaults({"path": path}, defaults)] if path else []
         self.directories += [_with_defaults(d, defaults) for d in directories]
-        self.eval_directories = {d["name"]: _with_defaults(d, defaults) for d in eval_datasets}
+        eval_defaults = {**defaults, "mask_path": None}  # the training masks name no held-out image
+        self.eval_directories = {d["name"]: _with_defaults(d, eval_defaults) for d in eval_datasets}
         self.batch_size = batch_size
         self.num_workers = num_workers
         first = Path((self.directories or list(self.eval_directories.values()))[0]["path"])
@@ -450,9 +451,10 @@ class DiffusionDataModule(LightningDataModule):
     def _batch_sampler(self, dataset: CachedDataset, shuffle: bool) -> BucketBatchSampler:
         """Batches of one bucket each; repeats of a sample (same latents) count as one item. Training batches
         (`shuffle`) carry the epoch for the caption draws."""
-        return (EpochBatchSampler if shuffle else BucketBatchSampler)([s.bucket for s in dataset.samples], self.batch_size, self.seed,
-                                  rank=self.trainer.global_rank, world_size=self.trainer.world_size, shuffle=shuffle,
-                                  item_keys=[s.latent_path for s in dataset.samples])
+        sampler = EpochBatchSampler if shuffle else BucketBatchSampler
+        return sampler([s.bucket for s in dataset.samples], self.batch_size, self.seed, rank=self.trainer.global_rank,
+                       world_size=self.trainer.world_size, shuffle=shuffle,
+                       item_keys=[s.latent_path for s in dataset.samples])
 
     def _collate(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         return partial(collate, collate_text=self.trainer.lightning_module.collate_text)

@@ -90,6 +90,9 @@ def scan_directory(path: str | Path, caption_prefix: str = "", probe_index: Opti
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"Dataset directory not found: {directory}")
+    if not caption_extension.startswith(".") or len(caption_extension) < 2:
+        raise ConfigError(f"dataset.caption_extension={caption_extension!r} (for {directory}) is not a file "
+                          f"extension: start it with a dot, e.g. .caption")
     result = ScanResult()
     for entries in _folders(directory, recursive, {Path(folder).resolve() for folder in exclude}):
         _scan_folder(entries, caption_prefix, probe_index, recursive, result, caption_extension)
