@@ -115,7 +115,7 @@ def cache_lines(root, samples: list[Sample], unknown: str) -> list[str]:
     from difftrain.datamodules.cache import EmbeddingCache
 
     latents = {s.latent_path for s in samples}
-    texts = {s.text_path for s in samples}
+    texts = {text.path for s in samples for text in s.texts}  # every shuffled variant
     cached_latents = sum(EmbeddingCache.has(p) for p in latents)
     cached_texts = sum(EmbeddingCache.has(p) for p in texts)
     lines = [f"Cache {root}: latents {cached_latents} cached, {len(latents) - cached_latents} to encode; "

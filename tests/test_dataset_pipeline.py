@@ -149,7 +149,7 @@ def test_directories_repeats_prefixes_and_one_bucket_per_batch(make_config, tmp_
         assert sample.size[0] * sample.size[1] == pytest.approx(area, rel=0.25)
 
     loader = result.datamodule.train_dataloader()
-    batches = list(loader.batch_sampler)
+    batches = [[index for index, _ in batch] for batch in loader.batch_sampler]  # (index, epoch) pairs
     assert set().union(*batches) == set(range(len(samples)))
     for batch in batches:
         assert len({samples[i].size for i in batch}) == 1, "a batch mixes buckets"

@@ -25,6 +25,12 @@ class DirectoryConfig:
     control_path: Optional[str] = None  # control / reference images, same stems as the targets
     control_paths: Optional[list[str]] = None  # several control folders (one reference image from each)
     recursive: Optional[bool] = None  # scan subfolders too
+    caption_extension: Optional[str] = None
+    shuffle_tags: Optional[bool] = None
+    keep_tokens: Optional[int] = None
+    tag_separator: Optional[str] = None
+    cache_shuffle_num: Optional[int] = None
+    mask_path: Optional[str] = None  # loss masks, same stems as the targets
 
 
 @dataclass
@@ -45,6 +51,13 @@ class DatasetConfig:
     control_path: Optional[str] = None
     control_paths: Optional[list[str]] = None
     recursive: bool = True
+    caption_extension: str = ".txt"
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+    tag_separator: str = ", "
+    cache_shuffle_num: int = 0
+    mask_path: Optional[str] = None
+    caption_dropout_p: float = 0.0
     batch_size: int = 1
     num_workers: int = 0
     cache_dir: Optional[str] = None
@@ -136,6 +149,7 @@ RANGES = {
          "keep_last_n_exports": AT_LEAST_0, "eval_every_n_steps": AT_LEAST_1, "eval_every_n_epochs": AT_LEAST_1,
          "sample_every_n_steps": AT_LEAST_1, "sample_every_n_epochs": AT_LEAST_1, "sample_steps": AT_LEAST_1},
     "dataset": {"min_ar": POSITIVE, "max_ar": POSITIVE, "num_ar_buckets": AT_LEAST_1, "num_repeats": AT_LEAST_1,
+                "keep_tokens": AT_LEAST_0, "cache_shuffle_num": AT_LEAST_0, "caption_dropout_p": Range(0, 1),
                 "batch_size": AT_LEAST_1, "num_workers": AT_LEAST_0, "cache_workers": AT_LEAST_1},
     "adapter": {"rank": AT_LEAST_1, "alpha": POSITIVE, "dropout": Range(0, 1)},
     "optimizer": {"lr": AT_LEAST_0},

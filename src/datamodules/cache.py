@@ -1,8 +1,8 @@
 """On-disk cache of latents and text embeddings, one safetensors file per item.
 
-A latent's key hashes the media file's bytes (and those of its control images), the crop size, a video clip's
-frames and the VAE's fingerprint; a text embedding's key hashes the caption and the text encoders' fingerprint (and,
-for text encoders that see the control images, their bytes and crop size). So a change of family, encoder,
+A latent's key hashes the media file's bytes (and those of its control images and loss mask), the crop size, a
+video clip's frames and the VAE's fingerprint; a text embedding's key hashes the caption and the text encoders'
+fingerprint (and, for text encoders that see the control images, their bytes and crop size). So a change of family, encoder,
 resolution or file content misses exactly the affected items, and an unchanged item is never encoded twice.
 Files are written atomically; a truncated file fails the size check and is re-encoded, never trained on. Tensors
 with NaN or infinite values are neither written nor read (`NonFiniteError`)."""
@@ -74,12 +74,14 @@ class EmbeddingCache:
         self.root = Path(root)
 
     def latent_path(self, content_digest: str, size: tuple[int, int], encoder_fingerprint: str,
-                    frames: tuple[int, ...] = (), control_digests: tuple[str, ...] = ()) -> Path:
+                    frames: tuple[int, ...] = (), control_digests: tuple[str, ...] = (), mask_digest: str = "") -> Path:
         """`frames`: the source frame indices of a video clip (an image's key has none); `control_digests`: the
-        content digests of the item's control images (none: the key of an item without controls)."""
+        content digests of the item's control images (none: the key of an item without controls); `mask_digest`:
+        its loss mask's (cached in the entry), if it has one."""
         clip = f":frames={','.join(map(str, frames))}" if frames else ""
+        mask = f":mask={mask_digest}" if mask_digest else ""
         key = hashlib.sha256(f"{content_digest}:{size[0]}x{size[1]}:{encoder_fingerprint}{clip}"
-                             f"{_controls_key(control_digests)}".encode()).hexdigest()
+                             f"{_controls_key(control_digests)}{mask}".encode()).hexdigest()
         return self.root / "latents" / key[:2] / f"{key}.safetensors"
 
     def text_path(self, caption: str, encoder_fingerprint: str, control_digests: tuple[str, ...] = (),

@@ -1,9 +1,11 @@
-"""Captions longer than the text encoders read. Diffusers' pipelines tokenize a caption whole, several times, and
+"""Captions as the text encoders get them: shuffled tags (`TagShuffle`, several variants cached per caption), and
+captions longer than the text encoders read. Diffusers' pipelines tokenize a caption whole, several times, and
 log the dropped text on every call: megabytes, for minutes, for a huge caption. So caching hands the encoders each
 caption cut a little past the tokens they keep (`TokenLimit.fit`, which warns once per caption with its path and
 token counts) and silences those per-call warnings (`quiet_truncation`)."""
 import logging
 import math
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,6 +15,8 @@ from typing import Any, Optional
 from diffusers import DiffusionPipeline
 from transformers import PreTrainedTokenizerBase
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+from difftrain.config.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +94,42 @@ def quiet_truncation() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+@dataclass(frozen=True)
+class CachedText:
+    """A caption as the text encoders get it, and its cache entry."""
+
+    caption: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class TagShuffle:
+    """A folder's `shuffle_tags`: each caption is cached as `variants` (cache_shuffle_num) orderings of its tags
+    (split at `separator`), the first `keep_tokens` tags and the caption_prefix staying in front."""
+
+    variants: int
+    keep_tokens: int
+    separator: str
+
+    @classmethod
+    def of(cls, directory: dict) -> Optional["TagShuffle"]:
+        """The folder's shuffle, or None when it keeps its captions as written."""
+        if not directory["shuffle_tags"]:
+            return None
+        if directory["cache_shuffle_num"] < 1:
+            raise ConfigError(f"shuffle_tags is set for {directory['path']} but cache_shuffle_num is "
+                              f"{directory['cache_shuffle_num']}: set dataset.cache_shuffle_num to the number of "
+                              f"shuffled variants of each caption to cache (e.g. 4).")
+        return cls(directory["cache_shuffle_num"], directory["keep_tokens"], directory["tag_separator"])
+
+    def captions(self, caption: str, prefix: str, seed: int) -> tuple[str, ...]:
+        """The caption's distinct shuffled variants (`prefix` + tags), each ordering seeded by `seed`, the
+        caption and the variant's number (the same on every run and rank)."""
+        split_at = self.separator.strip() or self.separator  # ", " also splits "a,b"
+        tags = [tag.strip() for tag in caption.removeprefix(prefix).split(split_at) if tag.strip()]
+        kept, shuffled = tags[:self.keep_tokens], tags[self.keep_tokens:]
+        variants = [prefix + self.separator.join(kept + random.Random(f"{seed}:{variant}:{caption}").sample(
+            shuffled, len(shuffled))) for variant in range(self.variants)]
+        return tuple(dict.fromkeys(variants))

@@ -7,17 +7,24 @@ model's framerate), makes sure each item has cached latents and text embeddings 
 if something is missing, splitting the work across ranks), then frees the encoders.
 Edit datasets: a folder's `control_path` (or `control_paths`) names folders of control images with the targets'
 stems; each control is cropped to its target's bucket size and encoded with it (CacheEncoders.encode_images).
+Captions: `caption_extension` names the caption files; with `shuffle_tags` each caption is cached as
+`cache_shuffle_num` tag orderings (captions.TagShuffle); with `caption_dropout_p` the empty caption is cached once.
+Each training step draws a sample's caption among them from (seed, epoch, index), so a resumed run draws the same.
+Loss masks: a folder's `mask_path` holds masks with the targets' stems, cropped as their targets, averaged down to
+the latent grid and cached in the latents' entry ("loss_mask"); the loss covers the white part only.
 Batches come from one (width, height, frames, controls) bucket each, in a reproducible shuffled order, sharded by
 rank, resumable mid-epoch; the family collates its text tensors (DiffusionModule.collate_text)."""
 import inspect
 import logging
+import random
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -34,16 +41,18 @@ from .buckets import (
     video_frame_bucket,
 )
 from .cache import EmbeddingCache, NonFiniteError
-from .captions import TokenLimit, quiet_truncation
+from .captions import CachedText, TagShuffle, TokenLimit, quiet_truncation
 from .media import (
     CAPTION_SUFFIX,
     ControlFolders,
+    MaskFolder,
     MediaItem,
     ProbeIndex,
     ScanResult,
     SkippedFile,
     crop_geometry,
     load_image,
+    load_mask,
     load_video,
     resample_indices,
     scan_directory,
@@ -53,7 +62,9 @@ log = logging.getLogger(__name__)
 
 PROBE_INDEX_NAME = "media_probes.json"  # in the cache root: see media.ProbeIndex
 DIRECTORY_KEYS = ("resolutions", "enable_ar_bucket", "min_ar", "max_ar", "num_ar_buckets", "ar_buckets",
-                  "num_repeats", "caption_prefix", "frame_buckets", "video_clip_mode", "recursive")
+                  "num_repeats", "caption_prefix", "frame_buckets", "video_clip_mode", "recursive",
+                  "caption_extension", "shuffle_tags", "keep_tokens", "tag_separator", "cache_shuffle_num",
+                  "mask_path")
 CONTROL_KEYS = ("control_path", "control_paths")  # a folder inherits both or neither (see _with_defaults)
 
 
@@ -67,17 +78,23 @@ class EmptyDatasetError(ConfigError):
 @dataclass(frozen=True)
 class Sample:
     """One training example: a media item (or one clip of a video) cropped to one bucket size, with its cache
-    files. `frames` are the source frame indices of a video clip, empty for an image."""
+    files. `texts`: its caption (with shuffle_tags, each shuffled variant); `frames` are the source frame indices
+    of a video clip, empty for an image."""
 
     item: MediaItem
     size: tuple[int, int]
     latent_path: Path
-    text_path: Path
+    texts: tuple[CachedText, ...]
     frames: tuple[int, ...] = ()
 
     @property
+    def text_path(self) -> Path:
+        """The cache entry of its caption (as written, or its first shuffled variant): what eval trains on."""
+        return self.texts[0].path
+
+    @property
     def caption_path(self) -> Path:
-        return self.item.path.with_suffix(CAPTION_SUFFIX)
+        return self.item.caption_path or self.item.path.with_suffix(CAPTION_SUFFIX)
 
     @property
     def bucket(self) -> tuple[int, int, int, int]:
@@ -91,6 +108,12 @@ class Sample:
             return torch.empty(0, 3, *self.size[::-1])
         return torch.stack([load_image(path, self.size) for path in self.item.controls])
 
+    def load_mask(self) -> torch.Tensor:
+        """The item's loss mask [h, w] in [0, 1], cropped to the sample's size as the target is (empty without)."""
+        if self.item.mask is None:
+            return torch.empty(0)
+        return load_mask(self.item.mask, (self.item.width, self.item.height), self.size)
+
     def geometry(self) -> dict[str, torch.Tensor]:
         """(height, width) pairs describing the crop the latents were encoded from: the source media's size,
         the crop's top-left corner in the scaled source, the crop's size (SDXL's micro-conditioning)."""
@@ -100,23 +123,51 @@ class Sample:
 
 
 class CachedDataset(Dataset):
-    def __init__(self, samples: list[Sample]):
+    """The cached samples. Indexed by (index, epoch) (EpochBatchSampler, training), a sample's caption is drawn:
+    the empty caption (`empty_text`) with probability `caption_dropout_p`, else one of its variants; indexed by
+    index alone (eval), its first variant."""
+
+    def __init__(self, samples: list[Sample], caption_dropout_p: float = 0.0, empty_text: Optional[Path] = None,
+                 seed: int = 0):
         self.samples = samples
+        self.caption_dropout_p = caption_dropout_p
+        self.empty_text = empty_text
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (key, None)
         sample = self.samples[index]
         media = EmbeddingCache.read(sample.latent_path)
-        item = {"latents": media.pop("latents"), "text": EmbeddingCache.read(sample.text_path), **sample.geometry()}
+        text_path = sample.text_path if epoch is None else self.draw_text(index, epoch)
+        item = {"latents": media.pop("latents"), "text": EmbeddingCache.read(text_path), **sample.geometry()}
+        if "loss_mask" in media:
+            item["loss_mask"] = media.pop("loss_mask")
         if media:  # conditioning cached beside the latents (e.g. an i2v first frame)
             item["cond"] = media
         return item
 
+    def draw_text(self, index: int, epoch: int) -> Path:
+        """The text entry sample `index` trains on in `epoch`: the same on every run with this seed."""
+        rng = random.Random(f"{self.seed}:{epoch}:{index}")
+        if rng.random() < self.caption_dropout_p:
+            return self.empty_text
+        return rng.choice(self.samples[index].texts).path
+
+
+class EpochBatchSampler(BucketBatchSampler):
+    """The training batches, each index paired with the epoch (CachedDataset seeds its caption draw with both)."""
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in super().__iter__():
+            yield [(index, self.epoch) for index in batch]
+
 
 class MediaToEncode(Dataset):
-    """Decodes and crops media for caching, in worker processes: (index, pixels, controls [K, 3, h, w])."""
+    """Decodes and crops media for caching, in worker processes: (index, pixels, controls [K, 3, h, w],
+    loss mask [h, w] or empty)."""
 
     def __init__(self, samples: list[Sample]):
         self.samples = samples
@@ -124,13 +175,13 @@ class MediaToEncode(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
         sample = self.samples[index]
         if sample.frames:
             pixels = load_video(sample.item.path, sample.size, sample.frames)
         else:
             pixels = load_image(sample.item.path, sample.size)
-        return index, pixels, sample.load_controls()
+        return index, pixels, sample.load_controls(), sample.load_mask()
 
 
 TextCollate = Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]
@@ -143,6 +194,8 @@ def collate(batch: list[dict[str, Any]], collate_text: TextCollate = DiffusionMo
            **{k: torch.stack([b[k] for b in batch]) for k in GEOMETRY_KEYS}}
     if "cond" in batch[0]:
         out["cond"] = {k: torch.stack([b["cond"][k] for b in batch]) for k in batch[0]["cond"]}
+    if any("loss_mask" in b for b in batch):  # an item of a folder without masks trains everywhere
+        out["loss_mask"] = torch.stack([b.get("loss_mask", torch.ones(b["latents"].shape[-2:])) for b in batch])
     return out
 
 
@@ -167,22 +220,29 @@ class DiffusionDataModule(LightningDataModule):
                  frame_buckets: list = (1,), video_clip_mode: str = "single_beginning",
                  control_path: Optional[str] = None, control_paths: Optional[list[str]] = None, batch_size: int = 1,
                  num_workers: int = 0, cache_dir: Optional[str] = None, cache_workers: int = 1,
-                 eval_datasets: list[dict] = (), seed: int = 42, recursive: bool = True):
+                 eval_datasets: list[dict] = (), seed: int = 42, recursive: bool = True,
+                 caption_extension: str = CAPTION_SUFFIX, shuffle_tags: bool = False, keep_tokens: int = 0,
+                 tag_separator: str = ", ", cache_shuffle_num: int = 0, mask_path: Optional[str] = None,
+                 caption_dropout_p: float = 0.0):
         super().__init__()
         defaults = dict(resolutions=resolutions, enable_ar_bucket=enable_ar_bucket, min_ar=min_ar, max_ar=max_ar,
                         num_ar_buckets=num_ar_buckets, ar_buckets=ar_buckets, num_repeats=num_repeats,
                         caption_prefix=caption_prefix, frame_buckets=list(frame_buckets),
                         video_clip_mode=video_clip_mode, control_path=control_path, control_paths=control_paths,
-                        recursive=recursive)
+                        recursive=recursive, caption_extension=caption_extension, shuffle_tags=shuffle_tags,
+                        keep_tokens=keep_tokens, tag_separator=tag_separator, cache_shuffle_num=cache_shuffle_num,
+                        mask_path=mask_path)
         self.directories = [_with_defaults({"path": path}, defaults)] if path else []
         self.directories += [_with_defaults(d, defaults) for d in directories]
-        self.eval_directories = {d["name"]: _with_defaults(d, defaults) for d in eval_datasets}
+        eval_defaults = {**defaults, "mask_path": None}  # the training masks name no held-out image
+        self.eval_directories = {d["name"]: _with_defaults(d, eval_defaults) for d in eval_datasets}
         self.batch_size = batch_size
         self.num_workers = num_workers
         first = Path((self.directories or list(self.eval_directories.values()))[0]["path"])
         self.cache_root = Path(cache_dir) if cache_dir else first / ".difftrain_cache"
         self.cache_workers = cache_workers
         self.seed = seed
+        self.caption_dropout_p = caption_dropout_p
         self.skipped: list[SkippedFile] = []
         self.encoded_latents = 0  # by this rank in the last setup(); 0 and 0: the encoders were not even loaded
         self.encoded_captions = 0
@@ -197,12 +257,14 @@ class DiffusionDataModule(LightningDataModule):
         if self.train_set is not None:
             return
         module = self.trainer.lightning_module
-        train, evals = self.plan(module, module.cache_fingerprints())
-        self._fill_cache([s for samples in (train, *evals.values()) for s in samples], module)
+        fingerprints = module.cache_fingerprints()
+        train, evals = self.plan(module, fingerprints)
+        empty_text = self._empty_text(module, fingerprints[1])
+        self._fill_cache([s for samples in (train, *evals.values()) for s in samples], module, empty_text)
         train, evals = self._cached(train), {name: self._cached(samples) for name, samples in evals.items()}
         if not train:
             raise EmptyDatasetError(self._empty_dataset_message())
-        self.train_set = CachedDataset(train)
+        self.train_set = CachedDataset(train, self.caption_dropout_p, empty_text and empty_text.path, self.seed)
         self.eval_sets = {name: CachedDataset(samples) for name, samples in evals.items()}
 
     def plan(self, module, fingerprints: tuple[str, str], save_probes: bool = True
@@ -222,10 +284,18 @@ class DiffusionDataModule(LightningDataModule):
             raise EmptyDatasetError(self._empty_dataset_message())
         return train, evals
 
+    def _empty_text(self, module, text_fingerprint: str) -> Optional[CachedText]:
+        """The empty caption that caption dropout trains on (one cache entry per family), if it is on."""
+        if not self.caption_dropout_p:
+            return None
+        return CachedText("", EmbeddingCache(self.cache_root / module.cache_name).text_path("", text_fingerprint))
+
     def _configured_folders(self) -> list[str]:
-        """Every dataset, eval and control folder: a recursive scan leaves out those nested in the one it scans."""
+        """Every dataset, eval, control and mask folder: a recursive scan leaves out those nested in the one it
+        scans."""
         directories = [*self.directories, *self.eval_directories.values()]
-        return [folder for d in directories for folder in (d["path"], *control_folders(d))]
+        return [folder for d in directories
+                for folder in (d["path"], *control_folders(d), *filter(None, [d.get("mask_path")]))]
 
     def _empty_dataset_message(self) -> str:
         folders = ", ".join(str(d["path"]) for d in self.directories)
@@ -239,16 +309,21 @@ class DiffusionDataModule(LightningDataModule):
         for directory in directories:
             ars = aspect_ratio_buckets(directory["enable_ar_bucket"], directory["min_ar"], directory["max_ar"],
                                        directory["num_ar_buckets"], directory["ar_buckets"])
+            shuffle = TagShuffle.of(directory)
             for item, item_clips in self._scan(directory, probes, module).items():
                 digest = probes.digest(item.path)
                 controls = tuple(probes.digest(path) for path in item.controls)
+                mask = probes.digest(item.mask) if item.mask else ""
                 text_controls = controls if module.text_depends_on_images else ()
+                captions = shuffle.captions(item.caption, directory["caption_prefix"], self.seed) if shuffle else (
+                    item.caption,)
                 for size in assign_buckets(item.width, item.height, directory["resolutions"], ars,
                                            module.pixels_round_to_multiple):
-                    text_path = cache.text_path(item.caption, text_fp, text_controls, size)
+                    texts = tuple(CachedText(caption, cache.text_path(caption, text_fp, text_controls, size))
+                                  for caption in captions)
                     for frames in item_clips:
-                        latent_path = cache.latent_path(digest, size, latent_fp, frames, controls)
-                        sample = Sample(item, size, latent_path, text_path, frames)
+                        latent_path = cache.latent_path(digest, size, latent_fp, frames, controls, mask)
+                        sample = Sample(item, size, latent_path, texts, frames)
                         samples += [sample] * (directory["num_repeats"] if repeat else 1)
         return samples
 
@@ -256,7 +331,9 @@ class DiffusionDataModule(LightningDataModule):
         """The folder's usable items (with their controls) and the clips each contributes; reports the rest."""
         scan = self.scan_media(directory, probes)
         controls = ControlFolders(control_folders(directory), probes)
-        items = [controls.attach(item) for item in scan.items]
+        masks = MaskFolder(directory.get("mask_path"), probes)
+        items = [masks.attach(item) for item in scan.items]
+        items = [controls.attach(item) if isinstance(item, MediaItem) else item for item in items]
         clips = {item: self._clips(item, directory, module) for item in items if isinstance(item, MediaItem)}
         skipped = scan.skipped + [s for s in [*items, *clips.values()] if isinstance(s, SkippedFile)]
         self._report(skipped)
@@ -270,7 +347,7 @@ class DiffusionDataModule(LightningDataModule):
     def scan_media(self, directory: dict, probes: ProbeIndex) -> ScanResult:
         """The captioned media of the directory's `path` and what cannot be used (webdataset.py reads shards)."""
         return scan_directory(directory["path"], directory["caption_prefix"], probes, directory["recursive"],
-                              exclude=self._configured_folders())
+                              exclude=self._configured_folders(), caption_extension=directory["caption_extension"])
 
     @staticmethod
     def _clips(item: MediaItem, directory: dict, module) -> list[tuple[int, ...]] | SkippedFile:
@@ -293,13 +370,15 @@ class DiffusionDataModule(LightningDataModule):
         starts = clip_starts(len(timeline), length, directory["video_clip_mode"])
         return [tuple(timeline[start:start + length]) for start in starts]
 
-    def _fill_cache(self, samples: list[Sample], module) -> None:
-        """Encodes what the cache lacks (or holds unusable). Rank r encodes every world_size-th missing item once
-        all ranks have checked the cache; all ranks then wait."""
+    def _fill_cache(self, samples: list[Sample], module, empty_text: Optional[CachedText] = None) -> None:
+        """Encodes what the cache lacks (or holds unusable), `empty_text` included. Rank r encodes every
+        world_size-th missing item once all ranks have checked the cache; all ranks then wait."""
         strategy = self.trainer.strategy
         rank, world = self.trainer.global_rank, self.trainer.world_size
         missing_latents = [s for s in _unique(samples) if _needs_encoding(s.latent_path, s.item.path)]
-        missing_text = [s for s in _unique_by_text(samples) if _needs_encoding(s.text_path, s.caption_path)]
+        texts = _unique_texts(samples) + ([(empty_text, None)] if empty_text else [])
+        missing_text = [(text, s) for text, s in texts
+                        if _needs_encoding(text.path, s.caption_path if s else "the empty caption")]
         strategy.barrier("cache checked")
         mine_latents, mine_text = missing_latents[rank::world], missing_text[rank::world]
         if mine_latents or mine_text:
@@ -317,29 +396,35 @@ class DiffusionDataModule(LightningDataModule):
 
     def _encode_latents(self, samples: list[Sample], encoders) -> None:
         loader = DataLoader(MediaToEncode(samples), batch_size=None, num_workers=self.cache_workers)
-        for index, pixels, controls in tqdm(loader, total=len(samples), desc="Caching latents", unit="item"):
+        for index, pixels, controls, mask in tqdm(loader, total=len(samples), desc="Caching latents", unit="item"):
             with_controls = {"controls": controls.unsqueeze(0)} if len(controls) else {}
             encoded = encoders.encode_images(pixels.unsqueeze(0), **with_controls)
             tensors = {k: v[0] for k, v in encoded.items()} if isinstance(encoded, dict) else {"latents": encoded[0]}
+            if mask.numel():
+                tensors["loss_mask"] = latent_grid_mask(mask, tensors["latents"])
             _write_if_finite(samples[index].latent_path, tensors)
 
-    def _encode_captions(self, samples: list[Sample], encoders, with_images: bool, batch_size: int = 16) -> None:
-        """`with_images`: the text encoders also see each item's controls (None for an item without)."""
+    def _encode_captions(self, texts: list[tuple[CachedText, Optional[Sample]]], encoders, with_images: bool,
+                         batch_size: int = 16) -> None:
+        """`texts`: each caption with its sample (None: the empty caption). `with_images`: the text encoders also
+        see each item's controls (None for an item without)."""
         limit = TokenLimit.of(encoders)
-        for start in tqdm(range(0, len(samples), batch_size), desc="Caching text", unit="batch"):
-            chunk = samples[start:start + batch_size]
-            images = {"images": [s.load_controls() if s.item.controls else None for s in chunk]} if with_images else {}
-            captions = [limit.fit(s.item.caption, s.caption_path) if limit else s.item.caption for s in chunk]
+        for start in tqdm(range(0, len(texts), batch_size), desc="Caching text", unit="batch"):
+            chunk = texts[start:start + batch_size]
+            images = {"images": [s.load_controls() if s and s.item.controls else None for _, s in chunk]
+                      } if with_images else {}
+            captions = [limit.fit(text.caption, s.caption_path) if limit and s else text.caption
+                        for text, s in chunk]
             with quiet_truncation():
                 encoded = encoders.encode_captions(captions, **images)
-            for sample, tensors in zip(chunk, encoded):
-                _write_if_finite(sample.text_path, tensors)
+            for (text, _), tensors in zip(chunk, encoded):
+                _write_if_finite(text.path, tensors)
 
     def _cached(self, samples: list[Sample]) -> list[Sample]:
         """The samples whose latents and text are cached; the others' came out of the encoders with NaN or infinite
         values (so they were not written) and are reported."""
-        uncached = {s for s in set(samples)
-                    if not (EmbeddingCache.has(s.latent_path) and EmbeddingCache.has(s.text_path))}
+        uncached = {s for s in set(samples) if not (EmbeddingCache.has(s.latent_path)
+                                                     and all(EmbeddingCache.has(text.path) for text in s.texts))}
         self._report([SkippedFile(path, "encoding it (or its caption) gave NaN or infinite values, so nothing was "
                                         "cached") for path in {s.item.path for s in uncached}])
         return [s for s in samples if s not in uncached]
@@ -364,10 +449,12 @@ class DiffusionDataModule(LightningDataModule):
                            collate_fn=self._collate()) for dataset in self.eval_sets.values()]
 
     def _batch_sampler(self, dataset: CachedDataset, shuffle: bool) -> BucketBatchSampler:
-        """Batches of one bucket each; repeats of a sample (same latents) count as one item."""
-        return BucketBatchSampler([s.bucket for s in dataset.samples], self.batch_size, self.seed,
-                                  rank=self.trainer.global_rank, world_size=self.trainer.world_size, shuffle=shuffle,
-                                  item_keys=[s.latent_path for s in dataset.samples])
+        """Batches of one bucket each; repeats of a sample (same latents) count as one item. Training batches
+        (`shuffle`) carry the epoch for the caption draws."""
+        sampler = EpochBatchSampler if shuffle else BucketBatchSampler
+        return sampler([s.bucket for s in dataset.samples], self.batch_size, self.seed, rank=self.trainer.global_rank,
+                       world_size=self.trainer.world_size, shuffle=shuffle,
+                       item_keys=[s.latent_path for s in dataset.samples])
 
     def _collate(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         return partial(collate, collate_text=self.trainer.lightning_module.collate_text)
@@ -445,5 +532,11 @@ def _unique(samples) -> list[Sample]:
     return list({s.latent_path: s for s in samples}.values())
 
 
-def _unique_by_text(samples) -> list[Sample]:
-    return list({s.text_path: s for s in samples}.values())
+def _unique_texts(samples: list[Sample]) -> list[tuple[CachedText, Sample]]:
+    """Each caption variant once, with a sample it belongs to."""
+    return list({text.path: (text, s) for s in samples for text in s.texts}.values())
+
+
+def latent_grid_mask(mask: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """A [h, w] pixel mask averaged down to the latents' grid (their last two dims)."""
+    return F.interpolate(mask[None, None], size=latents.shape[-2:], mode="area")[0, 0]

@@ -1,5 +1,6 @@
-"""Media-folder scanning and loading: one image or video per item, its caption in `<stem>.txt` beside it, and
-optionally control / reference images with the same stem in other folders (`ControlFolders`).
+"""Media-folder scanning and loading: one image or video per item, its caption in `<stem>.txt` beside it (or
+another `caption_extension`), and optionally control / reference images or a loss mask with the same stem in
+other folders (`ControlFolders`).
 
 Videos are decoded with PyAV. A video item records its decoded frame count and framerate; `resample_indices`
 maps it onto a model's framerate and `load_video` decodes the chosen frames as one clip.
@@ -51,6 +52,8 @@ class MediaItem:
     num_frames: int = 1  # decoded frames of a video; 1 for an image
     fps: Optional[Fraction] = None  # a video's average framerate; None for an image
     controls: tuple[Path, ...] = ()  # control / reference images, one per control folder
+    mask: Optional[Path] = None  # loss mask: white trains, black is ignored
+    caption_path: Optional[Path] = field(default=None, compare=False)  # its caption's file, for messages
 
     @property
     def is_video(self) -> bool:
@@ -78,16 +81,21 @@ def is_video_file(path: Path) -> bool:
 
 
 def scan_directory(path: str | Path, caption_prefix: str = "", probe_index: Optional["ProbeIndex"] = None,
-                   recursive: bool = True, exclude: Sequence[str | Path] = ()) -> ScanResult:
-    """Collect captioned images and videos in `path` and, if `recursive`, its subfolders (not hidden ones, nor
-    those in `exclude`, such as control folders), and report every file that cannot be used, each with its reason.
+                   recursive: bool = True, exclude: Sequence[str | Path] = (),
+                   caption_extension: str = CAPTION_SUFFIX) -> ScanResult:
+    """Collect images and videos captioned in `<stem><caption_extension>` in `path` and, if `recursive`, its
+    subfolders (not hidden ones, nor those in `exclude`, such as control folders), and report every file that
+    cannot be used, each with its reason.
     With a `probe_index`, files it has already verified unchanged are not decoded again; it is saved afterwards."""
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"Dataset directory not found: {directory}")
+    if not caption_extension.startswith(".") or len(caption_extension) < 2:
+        raise ConfigError(f"dataset.caption_extension={caption_extension!r} (for {directory}) is not a file "
+                          f"extension: start it with a dot, e.g. .caption")
     result = ScanResult()
     for entries in _folders(directory, recursive, {Path(folder).resolve() for folder in exclude}):
-        _scan_folder(entries, caption_prefix, probe_index, recursive, result)
+        _scan_folder(entries, caption_prefix, probe_index, recursive, result, caption_extension)
     result.skipped.sort(key=lambda skipped: skipped.path)
     if probe_index is not None:
         probe_index.save()
@@ -106,15 +114,15 @@ def _folders(directory: Path, recursive: bool, excluded: set[Path]) -> Iterator[
 
 
 def _scan_folder(entries: list[Path], caption_prefix: str, probe_index: Optional["ProbeIndex"], recursive: bool,
-                 result: ScanResult) -> None:
+                 result: ScanResult, caption_extension: str) -> None:
     """One folder's items and skipped entries: its media, then captions left over."""
     media = [p for p in entries if is_image_file(p) or is_video_file(p)]
     for media_path in media:
-        item_or_skip = _scan_media(media_path, caption_prefix, probe_index, recursive)
+        item_or_skip = _scan_media(media_path, caption_prefix, probe_index, recursive, caption_extension)
         (result.items if isinstance(item_or_skip, MediaItem) else result.skipped).append(item_or_skip)
     media_stems = {p.stem for p in media}
-    for caption in (p for p in entries if p.suffix == CAPTION_SUFFIX and p.stem not in media_stems):
-        unsupported = [p for p in entries if p.stem == caption.stem and p.suffix not in ("", CAPTION_SUFFIX)
+    for caption in (p for p in entries if p.suffix == caption_extension and p.stem not in media_stems):
+        unsupported = [p for p in entries if p.stem == caption.stem and p.suffix not in ("", caption_extension)
                        and not p.is_dir()]
         result.skipped.extend(SkippedFile(p, f"unsupported file type {p.suffix!r} (images: {_IMAGE_TYPES}; videos: "
                                              f"{_VIDEO_TYPES}); its caption {caption.name} is not used")
@@ -123,8 +131,8 @@ def _scan_folder(entries: list[Path], caption_prefix: str, probe_index: Optional
             result.skipped.append(SkippedFile(caption, "caption file without a matching image or video"))
 
 
-def _scan_media(media_path: Path, caption_prefix: str, probe_index: Optional["ProbeIndex"], recursive: bool
-                ) -> MediaItem | SkippedFile:
+def _scan_media(media_path: Path, caption_prefix: str, probe_index: Optional["ProbeIndex"], recursive: bool,
+                caption_extension: str) -> MediaItem | SkippedFile:
     unreadable = _not_a_file(media_path)
     if unreadable:
         scanned = " (its contents are scanned as a subfolder)" if recursive and media_path.is_dir() else ""
@@ -132,10 +140,11 @@ def _scan_media(media_path: Path, caption_prefix: str, probe_index: Optional["Pr
     probe = _probe_file(media_path, probe_index)
     if isinstance(probe, str):
         return SkippedFile(media_path, probe)
-    caption = _read_caption(media_path)
+    caption_path = media_path.with_suffix(caption_extension)
+    caption = _read_caption(media_path, caption_path)
     if isinstance(caption, SkippedFile):
         return caption
-    return MediaItem(media_path, caption_prefix + caption, *probe)
+    return MediaItem(media_path, caption_prefix + caption, *probe, caption_path=caption_path)
 
 
 def _not_a_file(path: Path) -> Optional[str]:
@@ -164,30 +173,53 @@ def _probe_file(path: Path, probe_index: Optional["ProbeIndex"]) -> Probe | str:
 
 class ControlFolders:
     """The control / reference images of a dataset folder's targets (edit datasets): in each control folder,
-    the image with the target's stem, any image extension. Images there without a target are ignored."""
+    the image with the target's stem, any image extension. Images there without a target are ignored.
+    `kind`, `folder_kind` and `keys` name the images, their folders and the config keys in messages (MaskFolder:
+    the loss masks)."""
+
+    kind, folder_kind, keys = "control image", "Control", "dataset.control_path (or control_paths)"
 
     def __init__(self, folders: Sequence[str | Path], probe_index: Optional["ProbeIndex"] = None):
         self.folders = [Path(folder) for folder in folders]
         missing = [str(folder) for folder in self.folders if not folder.is_dir()]
         if missing:
-            raise ConfigError(f"Control folder(s) not found: {', '.join(missing)}. dataset.control_path (or "
-                              f"control_paths) should name folders of control images named like their targets.")
+            raise ConfigError(f"{self.folder_kind} folder(s) not found: {', '.join(missing)}. {self.keys} "
+                              f"should name folders of {self.kind}s named like their targets.")
         self.images = [_images_by_stem(folder) for folder in self.folders]
         self.probe_index = probe_index
 
     def attach(self, item: MediaItem) -> MediaItem | SkippedFile:
         """The item with its controls (one from each folder), or why it cannot be used."""
-        controls = []
-        for folder, images in zip(self.folders, self.images):
-            control = images.get(item.path.stem)
-            if control is None:
-                return SkippedFile(item.path, f"no control image for it in {folder} (expected {item.path.stem} "
+        found = self.find(item)
+        return found if isinstance(found, SkippedFile) else replace(item, controls=found)
+
+    def find(self, item: MediaItem) -> tuple[Path, ...] | SkippedFile:
+        """The item's image in each folder, or why it cannot be used."""
+        images = []
+        for folder, by_stem in zip(self.folders, self.images):
+            image = by_stem.get(item.path.stem)
+            if image is None:
+                return SkippedFile(item.path, f"no {self.kind} for it in {folder} (expected {item.path.stem} "
                                               f"with an image extension: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-            verdict = _probe_file(control, self.probe_index)
+            verdict = _probe_file(image, self.probe_index)
             if isinstance(verdict, str):
-                return SkippedFile(item.path, f"its control image {control} cannot be used: {verdict}")
-            controls.append(control)
-        return replace(item, controls=tuple(controls))
+                return SkippedFile(item.path, f"its {self.kind} {image} cannot be used: {verdict}")
+            images.append(image)
+        return tuple(images)
+
+
+class MaskFolder(ControlFolders):
+    """A dataset folder's loss masks (`mask_path`): the image with the target's stem, any image extension."""
+
+    kind, folder_kind, keys = "mask", "Mask", "dataset.mask_path"
+
+    def __init__(self, folder: Optional[str | Path], probe_index: Optional["ProbeIndex"] = None):
+        super().__init__([] if folder is None else [folder], probe_index)
+
+    def attach(self, item: MediaItem) -> MediaItem | SkippedFile:
+        """The item with its mask (if the folder has masks), or why it cannot be used."""
+        found = self.find(item)
+        return found if isinstance(found, SkippedFile) else replace(item, mask=next(iter(found), None))
 
 
 def _images_by_stem(folder: Path) -> dict[str, Path]:
@@ -287,11 +319,11 @@ def _decode_verdict(verdict) -> Probe | str | None:
         return None
 
 
-def _read_caption(media_path: Path) -> str | SkippedFile:
-    caption_path = media_path.with_suffix(CAPTION_SUFFIX)
+def _read_caption(media_path: Path, caption_path: Path) -> str | SkippedFile:
     unreadable = _not_a_file(caption_path)
     if unreadable == "missing":
-        return SkippedFile(media_path, f"no caption file: expected {caption_path}")
+        return SkippedFile(media_path, f"no caption file: expected {caption_path} (dataset.caption_extension: "
+                                       f"{caption_path.suffix})")
     if unreadable:
         return SkippedFile(media_path, f"its caption {caption_path} is {unreadable}, not a file")
     try:
@@ -360,8 +392,17 @@ def load_image(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
     return _cover_crop(pixels, size)
 
 
+def load_mask(path: str | Path, source_size: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Float32 [h, w] in [0, 1] (1: white, trains): the grayscale mask scaled to its target's (w, h) `source_size`,
+    then cropped to `size` exactly as the target is."""
+    with Image.open(path) as img:
+        mask = F.pil_to_tensor(ImageOps.exif_transpose(img).convert("L"))
+    mask = F.resize(mask, list(source_size[::-1]), interpolation=InterpolationMode.NEAREST)
+    return ((_cover_crop(mask, size)[0] + 1) / 2).clamp(0, 1)
+
+
 def _cover_crop(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 [..., 3, H, W] -> float32 in [-1, 1], scaled to cover `size` = (w, h) and centre-cropped to it."""
+    """uint8 [..., C, H, W] -> float32 in [-1, 1], scaled to cover `size` = (w, h) and centre-cropped to it."""
     width, height = size
     source_height, source_width = pixels.shape[-2:]
     cover, (top, left) = crop_geometry((source_width, source_height), size)

@@ -352,7 +352,8 @@ class DiffusionModule(LightningModule, ABC):
     # --- training
     def forward_loss(self, batch: dict[str, Any], t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         prediction, target = self.denoise(batch, t, noise)
-        return weighted_mse(prediction, target, self.noise_schedule.loss_weights(t.to(prediction.device)))
+        return weighted_mse(prediction, target, self.noise_schedule.loss_weights(t.to(prediction.device)),
+                            batch.get("loss_mask"))
 
     def denoise(self, batch: dict[str, Any], t: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The denoiser's prediction for the batch's latents noised to `t` with `noise`, and its target."""
@@ -491,10 +492,18 @@ class DiffusionModule(LightningModule, ABC):
         return out
 
 
-def weighted_mse(prediction: torch.Tensor, target: torch.Tensor,
-                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The mean over samples of each sample's MSE, times its weight when the schedule gives weights."""
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: Optional[torch.Tensor] = None,
+                 loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The mean over samples of each sample's MSE, times its weight when the schedule gives weights. With a
+    `loss_mask` [B, h, w] (dataset.mask_path, on the latent grid; every channel and frame alike), each sample's
+    MSE is its mask-weighted mean: an all-black mask makes it 0, with no gradient."""
+    errors = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if loss_mask is None:
+        per_sample = errors.flatten(1).mean(1)
+    else:
+        mask = loss_mask.to(errors).view(len(errors), *[1] * (errors.ndim - 3), *loss_mask.shape[-2:])
+        mask = mask.expand_as(errors).flatten(1)
+        per_sample = (errors.flatten(1) * mask).sum(1) / mask.sum(1).clamp(min=1e-8)
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample)
     return per_sample.mean()
