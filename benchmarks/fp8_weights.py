@@ -2,8 +2,8 @@
 FluxModule.configure_model (LoRA added, then diffusers layerwise casting skipping keep_in_high_precision and
 lora_). LoRA weights are excluded: they are trainable and stay float32 either way.
 
-Models: the tiny test Flux (the real on-disk folder and load path), and FLUX.1-dev's and Qwen-Image's (20B)
-architectures built on the meta device by their family modules (real shapes and dtypes, no memory, no weights
+Models: the tiny test Flux (the real on-disk folder and load path), and FLUX.1-dev's, Qwen-Image's (20B) and SD3.5
+Large's (8B) architectures built on the meta device by their family modules (real shapes and dtypes, no memory, no weights
 needed). See benchmarks/README.md."""
 import argparse
 import re
@@ -14,14 +14,19 @@ from pathlib import Path
 from _common import compose_config, instantiate_module, print_table, quiet, verdict
 
 import torch
-from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, SD3Transformer2DModel
 
 from difftrain.modules.flux import FluxModule
 from difftrain.modules.qwen_image import QwenImageModule
+from difftrain.modules.sd3 import SD3Module
 
 TARGET_RATIO = 0.55
 # diffusers' FluxTransformer2DModel defaults are FLUX.1-dev's shapes, except that dev has a guidance embedding.
 FLUX1_DEV = dict(guidance_embeds=True)
+# stable-diffusion-3.5-large's transformer/config.json (qk-norm, no dual attention layers).
+SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                  pooled_projection_dim=2048, pos_embed_max_size=192, qk_norm="rms_norm")
 
 
 class MetaFlux1DevModule(FluxModule):
@@ -41,10 +46,19 @@ class MetaQwenImageModule(QwenImageModule):
             return QwenImageTransformer2DModel().to(self.compute_dtype)
 
 
+class MetaSD35LargeModule(SD3Module):
+    """SD3Module whose denoiser is SD3.5 Large's architecture (8B) on the meta device."""
+
+    def load_denoiser(self) -> SD3Transformer2DModel:
+        with torch.device("meta"):
+            return SD3Transformer2DModel(**SD35_LARGE).to(self.compute_dtype)
+
+
 MODELS = {  # name -> (model config group, module class override or None)
     "tiny": ("flux_tiny", None),
     "flux1-dev": ("flux", f"{__name__}.{MetaFlux1DevModule.__name__}"),
     "qwen-image": ("qwen_image", f"{__name__}.{MetaQwenImageModule.__name__}"),
+    "sd3.5-large": ("sd3", f"{__name__}.{MetaSD35LargeModule.__name__}"),
 }
 
 

@@ -47,6 +47,8 @@ FAMILIES = {
                            ("transformer_path", "flux1-transformer-bfl.safetensors"), edit=True),
     "sdxl": Family(("model=sdxl_tiny", "dataset.resolutions=[64]"), "lora.safetensors",
                    ("checkpoint_path", "model.safetensors"), fp8=False),
+    "sd3": Family(("model=sd3", *TINY_FLOAT32, "model.max_sequence_length=16", "dataset.resolutions=[64]"),
+                  "pytorch_lora_weights.safetensors", ("transformer_path", "transformer")),
     "wan": Family(WAN, "adapter_model.safetensors", ("transformer_path", "transformer_comfyui.safetensors")),
     # diffusers' Flux/Chroma LoRA converters take no ComfyUI-format Chroma file (and hard-code full sizes): loaded
     # through the family's reader (load_exported_lora)

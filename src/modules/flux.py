@@ -10,10 +10,10 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from difftrain.config.keys import ModelPath
 from difftrain.datamodules.cache import fingerprint_files
+from difftrain.formats.diffusers_files import save_diffusers_lora, save_model_folder
 from difftrain.formats.flux import load_bfl_transformer, save_bfl_transformer
 from difftrain.tiny import flux as tiny_flux
 from difftrain.tiny import tiny_model_dir
-from difftrain.utils.atomic import save_safetensors
 
 from .base import DiffusionModule, skeleton
 
@@ -160,17 +160,11 @@ class FluxModule(FluxBase):
 
     # --- export
     def export_lora(self, lora_state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
-        """diffusers' layout, written by our atomic writer with the run's metadata (diffusers' loaders read only
-        their own `lora_adapter_metadata` key, absent here: the scale is folded into the weights)."""
-        metadata = self.lora_metadata()
-        FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=lora_state_dict, safe_serialization=True,
-                                       save_function=lambda tensors, path: save_safetensors(tensors, path, metadata))
+        save_diffusers_lora(FluxPipeline, lora_state_dict, out_dir, self.lora_metadata())
 
     def export_full(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         save_bfl_transformer(state_dict, out_dir / "flux1-transformer-bfl.safetensors")
-        transformer = FluxTransformer2DModel.from_config(self.denoiser.config)
-        transformer.load_state_dict(state_dict)
-        transformer.save_pretrained(out_dir / "transformer", safe_serialization=True)
+        save_model_folder(FluxTransformer2DModel, self.denoiser.config, state_dict, out_dir / "transformer")
 
 
 def pack_with_ids(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

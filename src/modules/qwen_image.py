@@ -43,6 +43,7 @@ from transformers import (
 from difftrain.config.keys import ModelPath
 from difftrain.datamodules.cache import fingerprint_files
 from difftrain.formats import qwen_image as formats
+from difftrain.formats.diffusers_files import save_model_folder
 from difftrain.tiny import qwen_image as tiny_qwen
 from difftrain.tiny import tiny_model_dir
 from difftrain.utils.atomic import save_safetensors
@@ -243,9 +244,7 @@ class QwenImageModule(DiffusionModule):
 
     def export_full(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         formats.save_transformer(state_dict, out_dir / FULL_FILE)
-        transformer = QwenImageTransformer2DModel.from_config(self.denoiser.config)
-        transformer.load_state_dict(state_dict)
-        transformer.save_pretrained(out_dir / "transformer", safe_serialization=True)
+        save_model_folder(QwenImageTransformer2DModel, self.denoiser.config, state_dict, out_dir / "transformer")
 
 
 class QwenImageEditModule(QwenImageModule):
