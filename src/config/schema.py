@@ -71,6 +71,12 @@ class AdapterConfig:
     alpha: Optional[float] = None
     dropout: float = 0.0
     dtype: str = "float32"
+    use_dora: bool = False  # lora only
+    rank_dropout: float = 0.0  # lokr, loha
+    module_dropout: float = 0.0  # lokr, loha
+    decompose_factor: int = -1  # lokr
+    decompose_both: bool = False  # lokr
+    init_path: Optional[str] = None
 
 
 @dataclass
@@ -137,7 +143,8 @@ RANGES = {
          "sample_every_n_steps": AT_LEAST_1, "sample_every_n_epochs": AT_LEAST_1, "sample_steps": AT_LEAST_1},
     "dataset": {"min_ar": POSITIVE, "max_ar": POSITIVE, "num_ar_buckets": AT_LEAST_1, "num_repeats": AT_LEAST_1,
                 "batch_size": AT_LEAST_1, "num_workers": AT_LEAST_0, "cache_workers": AT_LEAST_1},
-    "adapter": {"rank": AT_LEAST_1, "alpha": POSITIVE, "dropout": Range(0, 1)},
+    "adapter": {"rank": AT_LEAST_1, "alpha": POSITIVE, "dropout": Range(0, 1), "rank_dropout": Range(0, 1),
+                "module_dropout": Range(0, 1)},
     "optimizer": {"lr": AT_LEAST_0},
     "scheduler": {"warmup_steps": AT_LEAST_0, "min_lr": AT_LEAST_0},
     "trainer": {"num_nodes": AT_LEAST_1, "max_epochs": Range(-1, note="-1: no limit"),

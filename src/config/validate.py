@@ -59,7 +59,9 @@ def validate(cfg: DictConfig) -> None:
                         folder=True)
     _check_dataset_entries(cfg)
     adapter = _check_schema(AdapterConfig, cfg.adapter, "adapter")
-    _check_choice(adapter.type, ("lora", "none"), "adapter.type", "adapter=lora or adapter=none")
+    _check_choice(adapter.type, ("lora", "lokr", "loha", "none"), "adapter.type",
+                  "adapter=lora, lokr, loha or none")
+    _check_adapter_options(adapter)
     _check_choice(adapter.dtype, ADAPTER_DTYPES, "adapter.dtype", "the dtype of the LoRA weights")
     _check_choice(cfg.export_layout, EXPORT_LAYOUTS, "export_layout", "where LoRA exports are written")
     for group in ("optimizer", "scheduler"):
@@ -117,6 +119,16 @@ def _check_gradient_release(trainer: DictConfig) -> None:
     if not _single_process(trainer):
         raise ConfigError("optimizer.gradient_release=true works in a single process (each weight steps before "
                           "gradients are averaged across processes): set trainer.devices=1, or turn it off.")
+
+
+def _check_adapter_options(adapter: DictConfig) -> None:
+    if adapter.use_dora and adapter.type != "lora":
+        raise ConfigError(f"adapter.use_dora=true is an option of adapter=lora, not adapter={adapter.type}.")
+    if adapter.init_path is not None:
+        if adapter.type == "none":
+            raise ConfigError("adapter.init_path starts an adapter from a file: a full fine-tune (adapter=none) has "
+                              "none. Use adapter=lora (or lokr, loha).")
+        _check_path(adapter.init_path, "adapter.init_path", "a LoRA file this trainer exported")
 
 
 def _check_block_swap(count: int, adapter: DictConfig, trainer: DictConfig) -> None:
