@@ -171,3 +171,14 @@ def test_init_path_whose_keys_do_not_match_the_model_is_one_config_error_naming_
     with pytest.raises(ConfigError, match=re.escape(str(other_family))) as error:
         fresh_module(FLUX, tmp_path, "adapter=loha", f"adapter.init_path={other_family}")
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("adapter=lokr", "+adapter.use_dora=true"), "adapter.use_dora=true is an option of adapter=lora"),
+    (("adapter=loha", "adapter.init_path=/nowhere/lora.safetensors"), "adapter.init_path=/nowhere/lora.safetensors"),
+    (("adapter=none", "+adapter.init_path=/nowhere/lora.safetensors"), "full fine-tune"),
+    (("adapter.use_dora=true", "model.transformer_dtype=float8"), "no use_dora"),
+])
+def test_adapter_settings_that_cannot_work_are_one_config_error_before_loading(overrides, message, make_config):
+    with pytest.raises(ConfigError, match=message):
+        run(make_config(*FLUX, *overrides))

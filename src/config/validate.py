@@ -136,8 +136,9 @@ def _check_block_swap(count: int, adapter: DictConfig, trainer: DictConfig) -> N
     if count < 0:
         raise ConfigError(f"{key} must be >= 0 (0 turns block swap off).")
     if count and adapter.type != "lora":
-        raise ConfigError(f"{key} only works with a LoRA: swapped blocks keep frozen base weights in CPU memory, "
-                          f"and a full fine-tune trains every weight. Use adapter=lora or model.blocks_to_swap=0.")
+        raise ConfigError(f"{key} only works with a LoRA (adapter=lora): swapped blocks hold only frozen base "
+                          f"weights, and a full fine-tune or LoKr/LoHa trains weights inside them. Use adapter=lora or "
+                          f"model.blocks_to_swap=0.")
     if count and not _single_process(trainer):
         raise ConfigError(f"{key} works in a single process (DDP needs every weight of the model on its device): "
                           f"set trainer.devices=1 and trainer.num_nodes=1, or model.blocks_to_swap=0.")
@@ -234,9 +235,10 @@ def _check_model(model: DictConfig, adapter: DictConfig) -> DictConfig:
         _check_model_key(key, model)
     if not 0.0 <= model.min_t < model.max_t <= 1.0:
         raise ConfigError(f"model.min_t={model.min_t} and model.max_t={model.max_t} must satisfy 0 <= min_t < max_t <= 1.")
-    if model.get("transformer_dtype") is not None and adapter.type != "lora":
-        raise ConfigError("model.transformer_dtype (fp8 storage) only works with a LoRA: a full fine-tune must "
-                          "update every weight in full precision. Use adapter=lora or unset model.transformer_dtype.")
+    if model.get("transformer_dtype") is not None and (adapter.type != "lora" or adapter.get("use_dora")):
+        raise ConfigError("model.transformer_dtype (fp8 storage) only works with a LoRA (adapter=lora, no use_dora): a "
+                          "full fine-tune must update every weight in full precision, and DoRA, LoKr and LoHa are "
+                          "not supported on an fp8 base. Use adapter=lora or unset model.transformer_dtype.")
     return model
 
 
