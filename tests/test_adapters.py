@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from difftrain.config.errors import ConfigError
-from difftrain.modules.adapters import adapter_layers, read_adapter_file
+from difftrain.modules.adapters import adapter_layers, file_layout, read_adapter_file
 from difftrain.training import build_module, run
 from tests.conftest import compose_config
 
@@ -127,9 +127,15 @@ def test_lokr_file_has_comfyui_suffixes_on_the_family_stems_and_comfyui_math_giv
 def test_loha_file_has_comfyui_suffixes_on_the_family_stems(trained, tmp_path):
     module = trained("sdxl_loha").module
     assert all(isinstance(layer, LoHaLayer) for layer in adapter_layers(module).values())
-    found = stems(exported_file("sdxl_loha", trained))
+    path = exported_file("sdxl_loha", trained)
+    found, tensors = stems(path), load_file(path)
     assert set(found) == lora_stems(module, tmp_path)
     assert all(suffixes == {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} for suffixes in found.values())
+    layers = adapter_layers(module)
+    for stem, (part,) in file_layout(module).stems.items():
+        # ComfyUI's LoHa rule: (w1_a @ w1_b) * (w2_a @ w2_b), times alpha / rank only when the file has an alpha.
+        w1, w2 = (tensors[f"{stem}.hada_{w}_a"] @ tensors[f"{stem}.hada_{w}_b"] for w in ("w1", "w2"))
+        torch.testing.assert_close(w1 * w2, layers[part.module].get_delta_weight("default"), rtol=1e-5, atol=1e-7)
     with safe_open(exported_file("sdxl_loha", trained), "pt") as file:
         assert file.metadata()["difftrain.adapter"] == "loha"
 
@@ -144,9 +150,21 @@ def test_dora_scale_sits_beside_the_lora_weights_in_comfyui_shape_fused_like_the
         assert suffixes == {"lora_A.weight", "lora_B.weight", "dora_scale"}
         assert tensors[f"{stem}.dora_scale"].shape == (tensors[f"{stem}.lora_B.weight"].shape[0], 1)
     attention = module.denoiser.transformer_blocks[0].attn
-    magnitudes = [getattr(attention, name).lora_magnitude_vector["default"].weight for name in ("to_q", "to_k", "to_v")]
-    torch.testing.assert_close(tensors["diffusion_model.double_blocks.0.img_attn.qkv.dora_scale"][:, 0],
-                               torch.cat(magnitudes).detach())
+    qkv = [getattr(attention, name) for name in ("to_q", "to_k", "to_v")]
+    stem = "diffusion_model.double_blocks.0.img_attn.qkv"
+    # DoRA decomposed on the output axis (a dora_scale of one row per output row): each row of W + B @ A rescaled
+    # to the norm dora_scale gives it; the fused weight stacks q, k and v.
+    base = torch.cat([layer.get_base_layer().weight for layer in qkv])
+    adapted = base + tensors[f"{stem}.lora_B.weight"] @ tensors[f"{stem}.lora_A.weight"]
+    comfyui = tensors[f"{stem}.dora_scale"] * adapted / adapted.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(comfyui, torch.cat([effective_weight(layer) for layer in qkv]), rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def effective_weight(layer) -> torch.Tensor:
+    """The weight a PEFT layer applies, adapter included, read from its output on the identity."""
+    base = layer.get_base_layer()
+    return (layer(torch.eye(base.in_features)) - base.bias).T
 
 
 def test_lokr_on_a_family_that_fuses_lora_parts_is_one_config_error(tmp_path):
