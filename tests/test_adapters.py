@@ -200,3 +200,9 @@ def test_init_path_whose_keys_do_not_match_the_model_is_one_config_error_naming_
 def test_adapter_settings_that_cannot_work_are_one_config_error_before_loading(overrides, message, make_config):
     with pytest.raises(ConfigError, match=message):
         run(make_config(*FLUX, *overrides))
+
+
+def test_init_path_of_another_adapter_kind_is_one_config_error_naming_it(trained, tmp_path):
+    lokr_file = exported_file("flux_lokr", trained)
+    with pytest.raises(ConfigError, match=re.escape(f"{lokr_file} holds another kind of adapter than adapter=lora")):
+        fresh_module(FLUX, tmp_path, f"adapter.init_path={lokr_file}")

@@ -223,15 +223,17 @@ def _from_file(own: dict[str, torch.Tensor], parts: list[Part],
 def load_adapter_file(module: DiffusionModule, path: Path, layout: Optional[FileLayout] = None) -> None:
     """Sets the module's adapter weights to those of `path` (exactly: the file's output is the module's)."""
     weights = read_adapter_file(module, path, layout)
-    for part_name, part in module.model_parts().items():
-        prefix = part_prefix(part_name)
-        expected = get_peft_model_state_dict(part, adapter_name=ADAPTER)
-        own = {key: weights[prefix + key] for key in expected if prefix + key in weights}
-        if len(own) != len(expected):
-            raise ConfigError(f"{path} holds another kind of adapter than adapter={describe(module)} (its "
-                              f"{sorted(set(expected) - set(own))[0]} is missing); set the adapter it was trained with.")
+    parts = {part_prefix(name): part for name, part in module.model_parts().items()
+             if any(isinstance(layer, BaseTunerLayer) for layer in part.modules())}  # not the frozen ones
+    expected = {prefix: list(get_peft_model_state_dict(part, adapter_name=ADAPTER)) for prefix, part in parts.items()}
+    expected_keys = {prefix + key for prefix, keys in expected.items() for key in keys}
+    if expected_keys != set(weights):
+        raise ConfigError(f"{path} holds another kind of adapter than adapter={describe(module)} (it differs in "
+                          f"{sorted(expected_keys ^ set(weights))[0]}): set the adapter it was trained with.")
+    for prefix, part in parts.items():
         try:
-            set_peft_model_state_dict(part, own, adapter_name=ADAPTER)
+            set_peft_model_state_dict(part, {key: weights[prefix + key] for key in expected[prefix]},
+                                      adapter_name=ADAPTER)
         except RuntimeError as error:
             raise ConfigError(f"{path} does not fit adapter.rank={module.adapter_cfg.rank} / the adapter's "
                               f"settings: {str(error).splitlines()[-1].strip()}") from None
