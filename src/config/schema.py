@@ -84,6 +84,12 @@ class AdapterConfig:
     alpha: Optional[float] = None
     dropout: float = 0.0
     dtype: str = "float32"
+    use_dora: bool = False  # lora only
+    rank_dropout: float = 0.0  # lokr, loha
+    module_dropout: float = 0.0  # lokr, loha
+    decompose_factor: int = -1  # lokr
+    decompose_both: bool = False  # lokr
+    init_path: Optional[str] = None
 
 
 @dataclass
@@ -151,7 +157,8 @@ RANGES = {
     "dataset": {"min_ar": POSITIVE, "max_ar": POSITIVE, "num_ar_buckets": AT_LEAST_1, "num_repeats": AT_LEAST_1,
                 "keep_tokens": AT_LEAST_0, "cache_shuffle_num": AT_LEAST_0, "caption_dropout_p": Range(0, 1),
                 "batch_size": AT_LEAST_1, "num_workers": AT_LEAST_0, "cache_workers": AT_LEAST_1},
-    "adapter": {"rank": AT_LEAST_1, "alpha": POSITIVE, "dropout": Range(0, 1)},
+    "adapter": {"rank": AT_LEAST_1, "alpha": POSITIVE, "dropout": Range(0, 1), "rank_dropout": Range(0, 1),
+                "module_dropout": Range(0, 1)},
     "optimizer": {"lr": AT_LEAST_0},
     "scheduler": {"warmup_steps": AT_LEAST_0, "min_lr": AT_LEAST_0},
     "trainer": {"num_nodes": AT_LEAST_1, "max_epochs": Range(-1, note="-1: no limit"),

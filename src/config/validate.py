@@ -59,7 +59,9 @@ def validate(cfg: DictConfig) -> None:
                         folder=True)
     _check_dataset_entries(cfg)
     adapter = _check_schema(AdapterConfig, cfg.adapter, "adapter")
-    _check_choice(adapter.type, ("lora", "none"), "adapter.type", "adapter=lora or adapter=none")
+    _check_choice(adapter.type, ("lora", "lokr", "loha", "none"), "adapter.type",
+                  "adapter=lora, lokr, loha or none")
+    _check_adapter_options(adapter)
     _check_choice(adapter.dtype, ADAPTER_DTYPES, "adapter.dtype", "the dtype of the LoRA weights")
     _check_choice(cfg.export_layout, EXPORT_LAYOUTS, "export_layout", "where LoRA exports are written")
     for group in ("optimizer", "scheduler"):
@@ -119,13 +121,24 @@ def _check_gradient_release(trainer: DictConfig) -> None:
                           "gradients are averaged across processes): set trainer.devices=1, or turn it off.")
 
 
+def _check_adapter_options(adapter: DictConfig) -> None:
+    if adapter.use_dora and adapter.type != "lora":
+        raise ConfigError(f"adapter.use_dora=true is an option of adapter=lora, not adapter={adapter.type}.")
+    if adapter.init_path is not None:
+        if adapter.type == "none":
+            raise ConfigError("adapter.init_path starts an adapter from a file: a full fine-tune (adapter=none) has "
+                              "none. Use adapter=lora (or lokr, loha).")
+        _check_path(adapter.init_path, "adapter.init_path", "a LoRA file this trainer exported")
+
+
 def _check_block_swap(count: int, adapter: DictConfig, trainer: DictConfig) -> None:
     key = f"model.blocks_to_swap={count}"
     if count < 0:
         raise ConfigError(f"{key} must be >= 0 (0 turns block swap off).")
     if count and adapter.type != "lora":
-        raise ConfigError(f"{key} only works with a LoRA: swapped blocks keep frozen base weights in CPU memory, "
-                          f"and a full fine-tune trains every weight. Use adapter=lora or model.blocks_to_swap=0.")
+        raise ConfigError(f"{key} only works with a LoRA (adapter=lora): swapped blocks hold only frozen base "
+                          f"weights, and a full fine-tune or LoKr/LoHa trains weights inside them. Use adapter=lora or "
+                          f"model.blocks_to_swap=0.")
     if count and not _single_process(trainer):
         raise ConfigError(f"{key} works in a single process (DDP needs every weight of the model on its device): "
                           f"set trainer.devices=1 and trainer.num_nodes=1, or model.blocks_to_swap=0.")
@@ -222,9 +235,10 @@ def _check_model(model: DictConfig, adapter: DictConfig) -> DictConfig:
         _check_model_key(key, model)
     if not 0.0 <= model.min_t < model.max_t <= 1.0:
         raise ConfigError(f"model.min_t={model.min_t} and model.max_t={model.max_t} must satisfy 0 <= min_t < max_t <= 1.")
-    if model.get("transformer_dtype") is not None and adapter.type != "lora":
-        raise ConfigError("model.transformer_dtype (fp8 storage) only works with a LoRA: a full fine-tune must "
-                          "update every weight in full precision. Use adapter=lora or unset model.transformer_dtype.")
+    if model.get("transformer_dtype") is not None and (adapter.type != "lora" or adapter.get("use_dora")):
+        raise ConfigError("model.transformer_dtype (fp8 storage) only works with a LoRA (adapter=lora, no use_dora): a "
+                          "full fine-tune must update every weight in full precision, and DoRA, LoKr and LoHa are "
+                          "not supported on an fp8 base. Use adapter=lora or unset model.transformer_dtype.")
     return model
 
 

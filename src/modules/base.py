@@ -15,7 +15,7 @@ from diffusers.hooks import apply_layerwise_casting
 from hydra.utils import instantiate
 from lightning import LightningModule
 from omegaconf import DictConfig, OmegaConf
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft import get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from difftrain.config.keys import Choices
@@ -24,6 +24,7 @@ from difftrain.optim.gradient_release import GradientReleaseOptimizer
 from difftrain.parallel.fsdp import gathered_state_dict, shard_parts, whole_tensor
 from difftrain.tiny import tiny_model
 
+from .adapters import is_adapter_weight, part_prefix, peft_config, prepare_adapter, write_adapter
 from .block_swap import BlockSwap
 from .checkpointing import checkpoint_blocks
 from .noise_schedules import FlowMatching
@@ -249,7 +250,8 @@ class DiffusionModule(LightningModule, ABC):
     # --- model setup
     @property
     def is_lora(self) -> bool:
-        return self.adapter_cfg is not None and self.adapter_cfg.type == "lora"
+        """Whether an adapter (adapter=lora, lokr or loha) trains, rather than every weight."""
+        return self.adapter_cfg is not None and self.adapter_cfg.type != "none"
 
     @property
     def lora_alpha(self) -> float:
@@ -278,6 +280,8 @@ class DiffusionModule(LightningModule, ABC):
             self.text_encoders[name] = self._prepare_part(name, encoder)
         for name, encoder in self.load_loop_encoders().items():
             self.loop_encoders[name] = encoder.requires_grad_(False).eval()
+        if self.is_lora:
+            prepare_adapter(self)
         if self.device_mesh is not None:  # trainer=fsdp
             shard_parts(self.model_parts(), self.checkpointed_blocks(), self.device_mesh["data_parallel"],
                         self.compute_dtype)
@@ -340,13 +344,12 @@ class DiffusionModule(LightningModule, ABC):
 
     def _add_lora(self, model: torch.nn.Module, discarded: Sequence[str]) -> None:
         cfg = self.adapter_cfg
-        config = LoraConfig(r=cfg.rank, lora_alpha=self.lora_alpha, lora_dropout=cfg.dropout,
-                            target_modules=self.lora_target_modules(model, discarded), init_lora_weights=True)
+        config = peft_config(cfg, self.lora_alpha, self.lora_target_modules(model, discarded))
         with torch.random.fork_rng():  # LoRA init must not depend on what consumed the global RNG before
             torch.manual_seed(self.seed)
             inject_adapter_in_model(config, model, adapter_name="default")
         for name, param in model.named_parameters():
-            if "lora_" in name:
+            if is_adapter_weight(name):
                 param.data = param.data.to(DTYPES[cfg.dtype])
 
     # --- training
@@ -447,12 +450,15 @@ class DiffusionModule(LightningModule, ABC):
         dtype = DTYPES[save_dtype] if save_dtype else None
         if self.is_lora:
             return self.lora_state_dict(dtype)
-        state = {_part_prefix(name) + key: tensor for name, part in self.model_parts().items()
+        state = {part_prefix(name) + key: tensor for name, part in self.model_parts().items()
                  for key, tensor in gathered_state_dict(part).items()}
         return {k: v.to(dtype) if dtype else v for k, v in state.items()}
 
     def write_export(self, weights: dict[str, torch.Tensor], out_dir: Path) -> None:
-        (self.export_lora if self.is_lora else self.export_full)(weights, out_dir)
+        if self.is_lora:
+            write_adapter(self, weights, out_dir)
+        else:
+            self.export_full(weights, out_dir)
 
     @abstractmethod
     def base_model(self) -> str:
@@ -488,7 +494,7 @@ class DiffusionModule(LightningModule, ABC):
             weights = gathered_state_dict(part, trainable_only=True)
             for key, tensor in get_peft_model_state_dict(part, weights, adapter_name="default").items():
                 tensor = tensor.detach() * scale if ".lora_B." in key else tensor.detach()
-                out[_part_prefix(name) + key] = tensor.to(dtype or tensor.dtype).contiguous()
+                out[part_prefix(name) + key] = tensor.to(dtype or tensor.dtype).contiguous()
         return out
 
 
@@ -528,8 +534,4 @@ def _param_groups(part: torch.nn.Module, lr: Optional[float]) -> list[dict[str, 
     params = [p for p in part.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.ndim > 1], **own_lr},
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, **own_lr}]
-
-
-def _part_prefix(name: str) -> str:
-    return "" if name == "denoiser" else f"{name}."
 

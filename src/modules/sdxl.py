@@ -226,7 +226,7 @@ class SDXLModule(DiffusionModule):
         lr = optimizer.get("lr")
         rates = {part: lr if rate is None else rate for part, rate in self.learning_rates.items()}
         trainer = self._trainer
-        return {"network_dim": adapter.rank, "network_alpha": self.lora_alpha, "network_dropout": adapter.dropout,
+        return {"network_dim": adapter.rank, "network_alpha": self.lora_alpha, "network_dropout": adapter.get("dropout"),
                 "learning_rate": lr, "unet_lr": rates["denoiser"],
                 "text_encoder_lr": [rates["text_encoder_1"], rates["text_encoder_2"]],
                 "optimizer": optimizer.get("_target_"), "lr_scheduler": (self.scheduler_cfg or {}).get("name"),
