@@ -1,13 +1,17 @@
-"""Timestep sampling against values computed by hand; learning-rate schedule presets against the library's."""
+"""Timestep sampling against values computed by hand; learning-rate schedule presets and Min-SNR loss weights against
+the libraries' own."""
 import math
 
 import pytest
 import torch
 import transformers
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 from hydra.utils import instantiate
 
 from difftrain.config.validate import ConfigError, validate
 from difftrain.modules.timesteps import TimestepSampler, flux_shift_for
+from difftrain.training import build_module
 
 
 @pytest.mark.parametrize("shift", [None, 3.0])
@@ -78,3 +82,21 @@ def test_a_key_of_another_schedule_is_refused(make_config):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ConfigError, match="scheduler.num_cycles does not apply to scheduler.name=linear"):
         instantiate(cfg.scheduler)(optimizer, total_steps=STEPS)
+
+
+@pytest.mark.parametrize("v_pred", [False, True])
+def test_min_snr_weights_are_diffusers_min_snr(make_config, v_pred):
+    """sdxl_tiny's Min-SNR loss weights, as diffusers' training examples compute them from compute_snr."""
+    cfg = make_config("model=sdxl_tiny", "model.min_snr_gamma=5", f"model.v_pred={v_pred}")
+    validate(cfg)
+    schedule = build_module(cfg).noise_schedule
+    t = torch.linspace(0.0, 0.998, 50)
+    timesteps = schedule.denoiser_timesteps(t)
+    snr = compute_snr(DDPMScheduler.from_config(schedule.scheduler.config), timesteps)
+    clamped = torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    torch.testing.assert_close(schedule.loss_weights(t), clamped / (snr + 1 if v_pred else snr))
+
+
+def test_min_snr_gamma_is_refused_for_flow_matching_families(make_config):
+    with pytest.raises(ConfigError, match=r"^model.min_snr_gamma applies to the DDPM objective \(model=sdxl\)"):
+        validate(make_config("model=flux_tiny", "+model.min_snr_gamma=5"))
