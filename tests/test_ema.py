@@ -12,19 +12,22 @@ from difftrain.training import run
 from tests.conftest import compose_config
 
 DECAY = 0.5
-RUN = ("adapter.rank=4", "optimizer.lr=1e-2", "dataset.resolutions=[64]", "trainer.max_steps=4",
+RUN = ("optimizer.lr=1e-2", "dataset.resolutions=[64]", "trainer.max_steps=4",
        "save_every_n_steps=1", "save_every_n_epochs=null", f"ema_decay={DECAY}", "ema_every_n_steps=2",
        "checkpoint_every_n_steps=null", "checkpoint_every_n_minutes=1e-9", "export_name=lora")
+LORA_RUN = ("adapter.rank=4", *RUN)
 LORA = "pytorch_lora_weights.safetensors"
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """`whole`: RUN trained to step 4 keeping 2 checkpoints; `resumed`: RUN stopped at step 2, then resumed to 4,
-    keeping every checkpoint."""
+    """`whole`: LORA_RUN trained to step 4 keeping 2 checkpoints; `resumed`: LORA_RUN stopped at step 2, then resumed to 4,
+    keeping every checkpoint; `full`: a 2-step full fine-tune with EMA."""
     folder = tmp_path_factory.mktemp("ema")
-    run(compose_config(folder / "whole", *RUN, "keep_last_n_checkpoints=2"))
-    resumed = (*RUN, "keep_last_n_checkpoints=null")
+    run(compose_config(folder / "full", *RUN, "adapter=none", "trainer.max_steps=2", "save_every_n_steps=null",
+                       "save_every_n_epochs=1", "ema_every_n_steps=1"))  # exports: the final one only
+    run(compose_config(folder / "whole", *LORA_RUN, "keep_last_n_checkpoints=2"))
+    resumed = (*LORA_RUN, "keep_last_n_checkpoints=null")
     run(compose_config(folder / "resumed", *resumed, "trainer.max_steps=2"))
     run(compose_config(folder / "resumed", *resumed, f"resume={folder / 'resumed'}"))
     return folder
@@ -61,6 +64,16 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_ema(runs):
         resumed, whole = exported(runs / "resumed", "final", ema), exported(runs / "whole", "final", ema)
         assert resumed.keys() == whole.keys()
         assert all(torch.equal(resumed[key], whole[key]) for key in whole)
+
+
+def test_a_full_fine_tune_exports_its_ema_in_the_same_format(runs):
+    final = runs / "full" / "exports" / "final"
+    raw_files = sorted(p.relative_to(final) for p in final.rglob("*.safetensors") if "ema" not in p.parts)
+    assert raw_files and sorted(p.relative_to(final / "ema") for p in (final / "ema").rglob("*.safetensors")) == raw_files
+    for file in raw_files:
+        raw, ema = load_file(final / file), load_file(final / "ema" / file)
+        assert raw.keys() == ema.keys()
+        assert any(not torch.equal(raw[key], ema[key]) for key in raw)
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
