@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 SETTINGS_KEY = "difftrain_settings"  # the run's resolved config, in every checkpoint
 # Dotted config keys (and their sub-keys) a continued run may change: where and what it writes, logs, evaluates and
 # previews, how long it trains, and switches that trade memory for time without changing the result.
-CONTINUATION_KEYS = ("run_dir", "outputs_root", "resume", "dry_run", "save_*", "export_*", "keep_last_n_exports",
-                     "checkpoint_every_n_steps", "callbacks", "logger", "eval_*", "sample_*", "trainer.max_steps",
+CONTINUATION_KEYS = ("run_dir", "outputs_root", "resume", "dry_run", "save_*", "export_*", "keep_last_n_*",
+                     "checkpoint_every_n_*", "callbacks", "logger", "eval_*", "sample_*", "trainer.max_steps",
                      "trainer.max_epochs", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
                      "trainer.strategy", "trainer.log_every_n_steps", "trainer.enable_*", "dataset.cache_dir",
                      "dataset.num_workers", "dataset.cache_workers", "model.activation_checkpointing",

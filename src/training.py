@@ -30,9 +30,9 @@ def run(cfg: DictConfig) -> Optional[TrainingRun]:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import lightning as L  # heavy imports only after the config is known to be good
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from difftrain.callbacks.ema import EMACallback
     from difftrain.callbacks.export import ExportCallback
     from difftrain.callbacks.previews import PreviewCallback
     from difftrain.dashboards import finish_loggers, log_config
@@ -50,13 +50,14 @@ def run(cfg: DictConfig) -> Optional[TrainingRun]:
     datamodule = instantiate(cfg.dataset, eval_datasets=cfg.eval_datasets, seed=cfg.seed, _convert_="all")
     module = build_module(cfg, datamodule.eval_names)
     module.build_tiny_models()  # before the trainer starts other processes (DDP), never inside them
+    ema = EMACallback(cfg.ema_decay, cfg.ema_every_n_steps) if cfg.ema_decay is not None else None
     exporter = ExportCallback(str(run_dir), resolved, cfg.save_every_n_steps, cfg.save_every_n_epochs, cfg.save_dtype,
-                              cfg.export_name, cfg.export_layout, cfg.keep_last_n_exports)
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps,
-                                  save_last=True, save_top_k=1, enable_version_counter=False)
+                              cfg.export_name, cfg.export_layout, cfg.keep_last_n_exports, ema)
     resumable = ResumableRun(cfg, run_dir / "checkpoints" / "last.ckpt")
-    callbacks = [exporter, checkpoints, resumable, PreviewCallback.from_config(cfg),
+    callbacks = [exporter, *_checkpoints(cfg, run_dir / "checkpoints"), resumable, PreviewCallback.from_config(cfg),
                  *(instantiate(c) for c in cfg.callbacks.values())]
+    if ema is not None:
+        callbacks.insert(0, ema)  # before the exporter, so that a save point exports its step's average
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
     log_config(loggers, cfg)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
@@ -75,6 +76,26 @@ def run(cfg: DictConfig) -> Optional[TrainingRun]:
     if exporter.final is not None:
         log.info("Final export: %s", exporter.final)
     return TrainingRun(run_dir / "exports" / "final", module, datamodule, trainer)
+
+
+def _checkpoints(cfg: DictConfig, folder: Path) -> list[Any]:
+    """Lightning's ModelCheckpoint every checkpoint_every_n_steps and/or every checkpoint_every_n_minutes (neither:
+    every epoch), each also writing last.ckpt and keeping its newest keep_last_n_checkpoints files."""
+    from datetime import timedelta
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    keep = -1 if cfg.keep_last_n_checkpoints is None else cfg.keep_last_n_checkpoints  # -1: Lightning's "all"
+    common = {"dirpath": folder, "save_last": True, "save_top_k": keep, "monitor": "step", "mode": "max",
+              "enable_version_counter": False}
+    minutes = cfg.checkpoint_every_n_minutes
+    checkpoints = []
+    if cfg.checkpoint_every_n_steps or minutes is None:
+        checkpoints.append(ModelCheckpoint(every_n_train_steps=cfg.checkpoint_every_n_steps, **common))
+    if minutes is not None:  # its own file names: the two never prune each other's files
+        checkpoints.append(ModelCheckpoint(train_time_interval=timedelta(minutes=minutes),
+                                           filename="{epoch}-{step}-timed", **common))
+    return checkpoints
 
 
 def _eval_schedule(cfg: DictConfig) -> dict:

@@ -3,8 +3,9 @@
 Folders (`export_layout` folders or both): <run_dir>/exports/step<N>/, epoch<N>/ and final/, each with the resolved
 config that produced it. Flat files (flat or both): the LoRA file alone, named for ComfyUI's loras/ folder,
 <exports>/<name>_step00050.safetensors, <name>_epoch0003.safetensors and <name>.safetensors (the final one). A full
-fine-tune always keeps its folder (several files). `keep_last_n_exports` prunes the older save points (folders and
-flat files alike), never the final export."""
+fine-tune always keeps its folder (several files). With EMA on (`ema_decay`), each folder also holds ema/, the
+averaged weights in the same format, and each flat file has an `_ema` twin (<name>_step00050_ema.safetensors).
+`keep_last_n_exports` prunes the older save points (folders and flat files alike), never the final export."""
 import re
 import shutil
 from pathlib import Path
@@ -12,10 +13,12 @@ from typing import Literal, Optional
 
 from lightning import Callback, LightningModule, Trainer
 
+from difftrain.callbacks.ema import EMACallback
 from difftrain.utils.atomic import atomic_directory, copy_file
 
 ExportLayout = Literal["folders", "flat", "both"]
 SAVE_POINT_FOLDER = re.compile(r"(?:step|epoch)\d+")
+EMA = "ema"  # the averaged weights' folder inside an export, and their flat file's suffix
 
 
 def export_name(name: str) -> str:
@@ -26,7 +29,7 @@ def export_name(name: str) -> str:
 class ExportCallback(Callback):
     def __init__(self, run_dir: str, resolved_config: str, every_n_steps: Optional[int] = None,
                  every_n_epochs: Optional[int] = None, save_dtype: Optional[str] = None, name: Optional[str] = None,
-                 layout: ExportLayout = "both", keep_last_n: Optional[int] = None):
+                 layout: ExportLayout = "both", keep_last_n: Optional[int] = None, ema: Optional[EMACallback] = None):
         self.exports_dir = Path(run_dir) / "exports"
         self.resolved_config = resolved_config
         self.every_n_steps = every_n_steps
@@ -35,6 +38,7 @@ class ExportCallback(Callback):
         self.name = export_name(name or Path(run_dir).name)
         self.layout = layout
         self.keep_last_n = keep_last_n
+        self.ema = ema
         self._last_step_exported = -1
         self.final: Optional[Path] = None  # the final export, once written
 
@@ -66,12 +70,18 @@ class ExportCallback(Callback):
         target = self.exports_dir / folder
         flat = module.is_lora and self.layout != "folders"
         weights = module.export_weights(self.save_dtype)  # on every rank: FSDP gathers the shards
+        averaged = self.ema.export_weights(module, self.save_dtype) if self.ema else None
         if trainer.is_global_zero:
             with atomic_directory(target) as tmp:
                 module.write_export(weights, tmp)
                 (tmp / "config.yaml").write_text(self.resolved_config)
+                if averaged is not None:
+                    (tmp / EMA).mkdir()
+                    module.write_export(averaged, tmp / EMA)
                 if flat:
                     copy_file(lora_file(tmp), self.flat_file(suffix))
+                    if averaged is not None:
+                        copy_file(lora_file(tmp / EMA), self.flat_file(f"{suffix}_{EMA}"))
             if flat and self.layout == "flat":
                 shutil.rmtree(target)
             if suffix:
@@ -86,13 +96,14 @@ class ExportCallback(Callback):
         """Keeps the newest `keep_last_n` save-point folders and as many flat files; the final export stays."""
         if self.keep_last_n is None:
             return
-        flat = re.compile(rf"{re.escape(self.name)}_(?:step|epoch)\d+\.safetensors")
         entries = list(self.exports_dir.iterdir())
         folders = [p for p in entries if p.is_dir() and SAVE_POINT_FOLDER.fullmatch(p.name)]
         for old in _older_than_newest(folders, self.keep_last_n):
             shutil.rmtree(old)
-        for old in _older_than_newest([p for p in entries if flat.fullmatch(p.name)], self.keep_last_n):
-            old.unlink()
+        for ema in ("", f"_{EMA}"):  # the raw files and their EMA twins, each their newest keep_last_n
+            flat = re.compile(rf"{re.escape(self.name)}_(?:step|epoch)\d+{ema}\.safetensors")
+            for old in _older_than_newest([p for p in entries if flat.fullmatch(p.name)], self.keep_last_n):
+                old.unlink()
 
 
 def _older_than_newest(paths: list[Path], keep: int) -> list[Path]:

@@ -108,6 +108,10 @@ class RootConfig:
     export_layout: str = "both"
     keep_last_n_exports: Optional[int] = None
     checkpoint_every_n_steps: Optional[int] = None
+    checkpoint_every_n_minutes: Optional[float] = None
+    keep_last_n_checkpoints: Optional[int] = None
+    ema_decay: Optional[float] = None
+    ema_every_n_steps: int = 1
     callbacks: dict[str, Any] = field(default_factory=dict)
     eval_datasets: list[EvalDatasetConfig] = field(default_factory=list)
     eval_every_n_steps: Optional[int] = None
@@ -152,6 +156,9 @@ class Range:
 AT_LEAST_1, AT_LEAST_0, POSITIVE = Range(1), Range(0), Range(0, above=True)
 RANGES = {
     "": {"save_every_n_steps": AT_LEAST_1, "save_every_n_epochs": AT_LEAST_1, "checkpoint_every_n_steps": AT_LEAST_1,
+         "checkpoint_every_n_minutes": POSITIVE, "keep_last_n_checkpoints": AT_LEAST_0,
+         "ema_decay": Range(0, 1, note="the weight of the average so far at each update, e.g. 0.999"),
+         "ema_every_n_steps": AT_LEAST_1,
          "keep_last_n_exports": AT_LEAST_0, "eval_every_n_steps": AT_LEAST_1, "eval_every_n_epochs": AT_LEAST_1,
          "sample_every_n_steps": AT_LEAST_1, "sample_every_n_epochs": AT_LEAST_1, "sample_steps": AT_LEAST_1},
     "dataset": {"min_ar": POSITIVE, "max_ar": POSITIVE, "num_ar_buckets": AT_LEAST_1, "num_repeats": AT_LEAST_1,
@@ -160,7 +167,8 @@ RANGES = {
     "adapter": {"rank": AT_LEAST_1, "alpha": POSITIVE, "dropout": Range(0, 1), "rank_dropout": Range(0, 1),
                 "module_dropout": Range(0, 1)},
     "optimizer": {"lr": AT_LEAST_0},
-    "scheduler": {"warmup_steps": AT_LEAST_0, "min_lr": AT_LEAST_0},
+    "scheduler": {"warmup_steps": AT_LEAST_0, "min_lr": AT_LEAST_0, "num_cycles": AT_LEAST_1, "power": POSITIVE,
+                  "lr_end": AT_LEAST_0},
     "trainer": {"num_nodes": AT_LEAST_1, "max_epochs": Range(-1, note="-1: no limit"),
                 "max_steps": Range(-1, note="-1: no limit"), "accumulate_grad_batches": AT_LEAST_1,
                 "gradient_clip_val": AT_LEAST_0, "log_every_n_steps": AT_LEAST_1},

@@ -39,6 +39,8 @@ __all__ = ["ConfigError", "unknown_key_error", "validate", "validate_model"]
 SUPPLIED_BY_TRAINER = {"optimizer": ("params",), "scheduler": ("optimizer", "total_steps")}
 # Optimizer keys our module handles itself rather than passing to the optimizer class.
 OPTIMIZER_OPTIONS = ("gradient_release",)
+# Keys of the DDPM objective (model=sdxl): a flow-matching family's model group has none of them.
+DDPM_ONLY_KEYS = ("min_snr_gamma", "debiased_estimation_loss", "v_pred")
 # The groups whose keys a schema of schema.py declares ("" for the top level).
 SCHEMAS = {"": RootConfig, "dataset": DatasetConfig, "adapter": AdapterConfig}
 
@@ -215,6 +217,9 @@ def _type_name(annotation: Any) -> str:
 
 
 def _unknown_key_message(key: str, known: list[str], where: str) -> str:
+    if where == "model" and key in DDPM_ONLY_KEYS:
+        return (f"model.{key} applies to the DDPM objective (model=sdxl), not to this family's flow matching, whose "
+                f"loss has no SNR weighting or v-prediction: remove it.")
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" Did you mean '{_join(where, close[0])}'?" if close else ""
     valid = ", ".join(k for k in known if k != "_target_")

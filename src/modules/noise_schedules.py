@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -39,16 +40,17 @@ class DDPM:
       rescaled betas that v-prediction SDXL models (NoobAI vpred, ...) were trained with, as diffusion-pipe does;
     - `min_snr_gamma`: each sample's loss times min(SNR, gamma) / SNR (eps) or min(SNR, gamma) / (SNR + 1) (v);
     - `debiased_estimation_loss`: times 1 / sqrt(SNR) (eps) or 1 / (SNR + 1) (v), SNR capped at 1000;
-    both as sd-scripts, with SNR(t) = a_t / (1 - a_t), a_t the cumulative alpha of the schedule trained on.
+    both as sd-scripts, with SNR(t) = a_t / (1 - a_t) (diffusers' compute_snr), a_t the cumulative alpha of the
+    schedule trained on.
     """
 
     def __init__(self, v_pred: bool = False, min_snr_gamma: Optional[float] = None,
                  debiased_estimation_loss: bool = False, num_train_timesteps: int = 1000,
                  beta_start: float = 0.00085, beta_end: float = 0.012):
-        scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                                  beta_schedule="scaled_linear", clip_sample=False, rescale_betas_zero_snr=v_pred)
-        self.alphas_cumprod = scheduler.alphas_cumprod.float()
-        self.snr = self.alphas_cumprod / (1 - self.alphas_cumprod)
+        self.scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start,
+                                       beta_end=beta_end, beta_schedule="scaled_linear", clip_sample=False,
+                                       rescale_betas_zero_snr=v_pred)
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.float()
         self.num_train_timesteps = num_train_timesteps
         self.v_pred = v_pred
         self.min_snr_gamma = min_snr_gamma
@@ -74,7 +76,7 @@ class DDPM:
     def loss_weights(self, t: torch.Tensor) -> Optional[torch.Tensor]:
         if self.min_snr_gamma is None and not self.debiased_estimation_loss:
             return None
-        snr = self.snr.to(t.device)[self.denoiser_timesteps(t)]
+        snr = compute_snr(self.scheduler, self.denoiser_timesteps(t))
         weights = torch.ones_like(snr)
         if self.min_snr_gamma is not None:
             weights = weights * snr.clamp(max=self.min_snr_gamma) / (snr + 1 if self.v_pred else snr)

@@ -1,29 +1,36 @@
-"""Learning-rate schedules: constant, linear (to 0) or cosine (to min_lr), each after a linear warmup."""
-import math
-from typing import Literal, get_args
+"""Learning-rate schedules: transformers' `get_scheduler` (the schedules diffusers' training scripts use, plus
+cosine to a floor), stepped per optimizer step. Warmup rises linearly to the optimizer's lr over warmup_steps."""
+from typing import Literal, Optional
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-Schedule = Literal["constant", "linear", "cosine"]
-SCHEDULES = get_args(Schedule)
+from difftrain.config.errors import ConfigError
+
+Schedule = Literal["constant", "linear", "cosine", "constant_with_warmup", "cosine_with_restarts", "polynomial",
+                   "cosine_with_min_lr"]
+# Our `constant` and `cosine` take warmup_steps and min_lr: the library's schedules that add them (equal to its
+# plain constant and cosine when both are 0).
+LIBRARY_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine_with_min_lr"}
+# The keys only some schedules read, and those schedules.
+SCHEDULE_KEYS = {"min_lr": ("cosine", "cosine_with_min_lr"), "num_cycles": ("cosine_with_restarts",),
+                 "power": ("polynomial",), "lr_end": ("polynomial",)}
 
 
 def build_scheduler(optimizer: Optimizer, total_steps: int, name: Schedule = "constant", warmup_steps: int = 0,
-                    min_lr: float = 0.0) -> LambdaLR:
-    if name not in SCHEDULES:
-        raise ValueError(f"scheduler.name={name} is not one of {', '.join(SCHEDULES)}")
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-
-    def factor(step: int, base_lr: float) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        if name == "linear":
-            return 1.0 - progress
-        if name == "cosine":
-            floor = min(min_lr / base_lr, 1.0) if base_lr > 0 else 0.0
-            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
-
-    return LambdaLR(optimizer, [lambda step, lr=lr: factor(step, lr) for lr in base_lrs])
+                    min_lr: Optional[float] = None, num_cycles: Optional[int] = None, power: Optional[float] = None,
+                    lr_end: Optional[float] = None) -> LambdaLR:
+    """min_lr: the cosine's floor; num_cycles: hard restarts of cosine_with_restarts; power and lr_end: the
+    polynomial's exponent and final lr. A key left null takes the library's default."""
+    from transformers import get_scheduler  # here: config validation reads this module's signature, and
+                                            # importing transformers takes seconds
+    given = {"min_lr": min_lr, "num_cycles": num_cycles, "power": power, "lr_end": lr_end}
+    specific = {key: value for key, value in given.items() if value is not None}
+    for key in specific:
+        if name not in SCHEDULE_KEYS[key]:
+            raise ConfigError(f"scheduler.{key} does not apply to scheduler.name={name} (only to "
+                              f"{' and '.join(SCHEDULE_KEYS[key])}): remove it.")
+    if name in SCHEDULE_KEYS["min_lr"]:
+        specific.setdefault("min_lr", 0.0)
+    return get_scheduler(LIBRARY_NAMES.get(name, name), optimizer, num_warmup_steps=warmup_steps,
+                         num_training_steps=total_steps, scheduler_specific_kwargs=specific)
