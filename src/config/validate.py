@@ -223,7 +223,7 @@ def _check_model(model: DictConfig, adapter: DictConfig) -> DictConfig:
     if not 0.0 <= model.min_t < model.max_t <= 1.0:
         raise ConfigError(f"model.min_t={model.min_t} and model.max_t={model.max_t} must satisfy 0 <= min_t < max_t <= 1.")
     if model.get("transformer_dtype") is not None and adapter.type != "lora":
-        raise ConfigError("model.transformer_dtype (fp8 storage) only works with a LoRA: a full fine-tune must "
+        raise ConfigError("model.transformer_dtype (fp8/nf4 storage) only works with a LoRA: a full fine-tune must "
                           "update every weight in full precision. Use adapter=lora or unset model.transformer_dtype.")
     return model
 
