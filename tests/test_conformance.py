@@ -60,6 +60,7 @@ FAMILIES = {
                                     "dataset.control_path=null", f"dataset.control_paths=[{EDIT_CONTROLS},{EDIT_CONTROLS}]"),
                                    "adapter_model.safetensors", ("transformer_path", "qwen_image_bf16.safetensors"),
                                    edit=True),
+    "hidream": Family(("model=hidream", *TINY_FLOAT32, "dataset.resolutions=[64]"), "adapter_model.safetensors"),
 }
 FP8_STORED_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)  # layerwise casting's
 LORA = ("adapter.rank=4", "adapter.alpha=8", "optimizer.lr=1e-2", "scheduler=cosine", "scheduler.warmup_steps=1",
