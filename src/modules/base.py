@@ -326,7 +326,8 @@ class DiffusionModule(LightningModule, ABC):
         """`discarded`: names of the part's modules that never train (see discarded_modules)."""
         trains = self.part_learning_rates().get(name) != 0
         module.train(trains)
-        module.requires_grad_(trains and not self.is_lora)
+        for param in module.parameters():  # weights stored in NF4 are integers, never trainable
+            param.requires_grad_(trains and not self.is_lora and param.is_floating_point())
         for discarded_name in discarded:
             module.get_submodule(discarded_name).requires_grad_(False)
         if trains and self.is_lora:
