@@ -62,11 +62,11 @@ class HiDreamEncoders(FluxEncoders):
     def encode_captions(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
         """Per caption: T5 embeddings [128, D] and the two CLIPs' pooled embeddings concatenated, as the pipeline's
         encode_prompt builds them, and the Llama's token ids and mask."""
-        pipe, device = self.pipe, self.pipe.text_encoder.device
-        pooled = torch.cat([pipe._get_clip_prompt_embeds(tokenizer, encoder, captions, TEXT_TOKENS, device)
+        pipe, device, length = self.pipe, self.pipe.text_encoder.device, self.max_sequence_length
+        pooled = torch.cat([pipe._get_clip_prompt_embeds(tokenizer, encoder, captions, length, device)
                             for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder),
                                                        (pipe.tokenizer_2, pipe.text_encoder_2))], dim=-1)
-        t5 = pipe._get_t5_prompt_embeds(captions, TEXT_TOKENS, device)
+        t5 = pipe._get_t5_prompt_embeds(captions, length, device)
         ids, mask = llama_tokens(pipe.tokenizer_4, captions, self.max_llama3_sequence_length)
         return [{"prompt_embeds_t5": e, "pooled_prompt_embeds": p, "llama_input_ids": i, "llama_attention_mask": m}
                 for e, p, i, m in zip(t5, pooled, ids, mask)]
