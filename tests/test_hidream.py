@@ -86,6 +86,12 @@ def test_nf4_base_trains_a_lora_that_reproduces_in_the_consumer(nf4_run, tmp_pat
     torch.testing.assert_close(prediction(consumer, batch), ours, rtol=1e-5, atol=1e-5)
 
 
+def test_nf4_base_refuses_block_swap(make_config):
+    module = build_module(make_config(*TINY, "model.transformer_dtype=nf4", "model.blocks_to_swap=2"))
+    with pytest.raises(ConfigError, match="model.blocks_to_swap=2: block swap cannot move weights stored in NF4"):
+        module.configure_model()
+
+
 def test_24gb_recipe_trains_at_tiny_size(make_config):
     # the tiny HiDream has 4 blocks, so at most 2 swap (the CPU runs block swap's schedule with no-op copies)
     result = run(make_config("experiment=hidream_24gb", "model.tiny=true", "dataset.resolutions=[64]",

@@ -310,6 +310,9 @@ class DiffusionModule(LightningModule, ABC):
         if not blocks:
             raise ConfigError(f"{key}: {type(self).__name__} does not list its transformer blocks (block_lists), "
                               f"so none can be swapped. Use model.blocks_to_swap=0.")
+        if self.nf4_base:  # it re-points weights' data only: an NF4 weight's quantization state would stay behind
+            raise ConfigError(f"{key}: block swap cannot move weights stored in NF4 (model.transformer_dtype=nf4). "
+                              f"Use model.transformer_dtype=float8 with block swap, or model.blocks_to_swap=0.")
         if count > len(blocks) - 2:
             raise ConfigError(f"{key} is too large: this model has {len(blocks)} transformer blocks, and at most "
                               f"{len(blocks) - 2} (blocks - 2) can be swapped.")
