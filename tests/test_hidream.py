@@ -1,6 +1,6 @@
 """HiDream beyond the conformance suite: its keys, the Llama as a frozen in-loop encoder built as the pipeline
-builds its hidden states and never saved, NF4 storage of the base (bitsandbytes runs on the CPU) and the 24 GB
-recipe."""
+builds its hidden states and never saved, and NF4 storage of the base (bitsandbytes runs on the CPU). The 24 GB
+recipe trains in tests/test_memory_optimizers.py."""
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -91,11 +91,3 @@ def test_nf4_base_refuses_block_swap(make_config):
     with pytest.raises(ConfigError, match="model.blocks_to_swap=2: block swap cannot move weights stored in NF4"):
         module.configure_model()
 
-
-def test_24gb_recipe_trains_at_tiny_size(make_config):
-    # the tiny HiDream has 4 blocks, so at most 2 swap (the CPU runs block swap's schedule with no-op copies)
-    result = run(make_config("experiment=hidream_24gb", "model.tiny=true", "dataset.resolutions=[64]",
-                             "trainer.max_steps=2", "model.blocks_to_swap=2"))
-    assert result.trainer.global_step == 2
-    assert result.module.block_swap is not None and result.module.llama3_4bit
-    assert torch.isfinite(result.trainer.callback_metrics["train/loss"])
