@@ -122,6 +122,7 @@ def test_optimizer_configs_train(make_config, optimizer):
     ("flux_24gb", ("model.blocks_to_swap=2",)),  # the tiny Flux has 4 blocks
     ("sdxl_fft_24gb", ()),
     ("wan14b_24gb", ("model.blocks_to_swap=0", "dataset=videos")),  # the tiny Wan has 2 blocks: none swappable
+    ("hidream_24gb", ("model.blocks_to_swap=2",)),  # the tiny HiDream has 4 blocks; its Llama loads in 4-bit
 ])
 def test_low_vram_recipes_train_at_tiny_size(make_config, recipe, tiny_overrides):
     result = run(make_config(f"experiment={recipe}", "model.tiny=true", "dataset.resolutions=[64]",

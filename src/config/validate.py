@@ -241,9 +241,10 @@ def _check_model(model: DictConfig, adapter: DictConfig) -> DictConfig:
     if not 0.0 <= model.min_t < model.max_t <= 1.0:
         raise ConfigError(f"model.min_t={model.min_t} and model.max_t={model.max_t} must satisfy 0 <= min_t < max_t <= 1.")
     if model.get("transformer_dtype") is not None and (adapter.type != "lora" or adapter.get("use_dora")):
-        raise ConfigError("model.transformer_dtype (fp8 storage) only works with a LoRA (adapter=lora, no use_dora): a "
-                          "full fine-tune must update every weight in full precision, and DoRA, LoKr and LoHa are "
-                          "not supported on an fp8 base. Use adapter=lora or unset model.transformer_dtype.")
+        raise ConfigError("model.transformer_dtype (fp8/nf4 storage) only works with a LoRA (adapter=lora, no "
+                          "use_dora): a full fine-tune must update every weight in full precision, and DoRA, LoKr "
+                          "and LoHa are not supported on a quantized base. Use adapter=lora or unset "
+                          "model.transformer_dtype.")
     return model
 
 

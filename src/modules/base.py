@@ -27,6 +27,7 @@ from difftrain.tiny import tiny_model
 from .adapters import is_adapter_weight, part_prefix, peft_config, prepare_adapter, write_adapter
 from .block_swap import BlockSwap
 from .checkpointing import checkpoint_blocks
+from .nf4 import quantize_linears_nf4
 from .noise_schedules import FlowMatching
 from .timesteps import TimestepSampler
 
@@ -75,8 +76,8 @@ class DiffusionModule(LightningModule, ABC):
     # validation checks (src/config/family.py reads them from this signature without importing this module).
     def __init__(self, tiny: bool = False,
                  dtype: Annotated[Literal["float32", "float16", "bfloat16"], Choices("a compute dtype")] = "bfloat16",
-                 transformer_dtype: Annotated[Optional[Literal["float8", "float8_e4m3fn", "float8_e5m2"]],
-                                              Choices("fp8 storage for LoRA training")] = None,
+                 transformer_dtype: Annotated[Optional[Literal["float8", "float8_e4m3fn", "float8_e5m2", "nf4"]],
+                                              Choices("fp8 or NF4 storage for LoRA training")] = None,
                  timestep_sample_method: Literal["logit_normal", "uniform"] = "logit_normal",
                  sigmoid_scale: float = 1.0, shift: Optional[float] = None, flux_shift: bool = False,
                  min_t: float = 0.0, max_t: float = 1.0,
@@ -90,7 +91,8 @@ class DiffusionModule(LightningModule, ABC):
         super().__init__()
         self.tiny = tiny
         self.compute_dtype = DTYPES[dtype]
-        self.storage_dtype = DTYPES[transformer_dtype] if transformer_dtype else None
+        self.nf4_base = transformer_dtype == "nf4"  # bitsandbytes storage (nf4.py); fp8: layerwise casting
+        self.storage_dtype = DTYPES[transformer_dtype] if transformer_dtype and not self.nf4_base else None
         self.timesteps = TimestepSampler(timestep_sample_method, sigmoid_scale, shift, flux_shift, min_t, max_t)
         self.noise_schedule = FlowMatching()  # a family training another objective sets its own (SDXL: DDPM)
         self.activation_checkpointing = activation_checkpointing
@@ -265,6 +267,8 @@ class DiffusionModule(LightningModule, ABC):
         if self.denoiser is not None:
             return
         denoiser = self.load_denoiser()
+        if self.nf4_base:  # before the LoRA, which wraps the 4-bit layers
+            quantize_linears_nf4(denoiser, self.compute_dtype, keep=self.keep_in_high_precision)
         denoiser = self._prepare_part("denoiser", denoiser, self.discarded_modules(denoiser))
         if self.storage_dtype is not None:
             # The hook directly, not model.enable_layerwise_casting: that also skips every module whose name
@@ -310,6 +314,9 @@ class DiffusionModule(LightningModule, ABC):
         if not blocks:
             raise ConfigError(f"{key}: {type(self).__name__} does not list its transformer blocks (block_lists), "
                               f"so none can be swapped. Use model.blocks_to_swap=0.")
+        if self.nf4_base:  # it re-points weights' data only: an NF4 weight's quantization state would stay behind
+            raise ConfigError(f"{key}: block swap cannot move weights stored in NF4 (model.transformer_dtype=nf4). "
+                              f"Use model.transformer_dtype=float8 with block swap, or model.blocks_to_swap=0.")
         if count > len(blocks) - 2:
             raise ConfigError(f"{key} is too large: this model has {len(blocks)} transformer blocks, and at most "
                               f"{len(blocks) - 2} (blocks - 2) can be swapped.")
@@ -326,7 +333,8 @@ class DiffusionModule(LightningModule, ABC):
         """`discarded`: names of the part's modules that never train (see discarded_modules)."""
         trains = self.part_learning_rates().get(name) != 0
         module.train(trains)
-        module.requires_grad_(trains and not self.is_lora)
+        for param in module.parameters():  # weights stored in NF4 are integers, never trainable
+            param.requires_grad_(trains and not self.is_lora and param.is_floating_point())
         for discarded_name in discarded:
             module.get_submodule(discarded_name).requires_grad_(False)
         if trains and self.is_lora:
