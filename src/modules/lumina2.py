@@ -14,7 +14,7 @@ LoRAs export in ComfyUI format (`diffusion_model.<native names>`, q/k/v fused), 
 single file."""
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -38,6 +38,22 @@ from .qwen_image import unpadded
 LORA_FILE = "adapter_model.safetensors"
 FULL_FILE = "lumina_2_model.safetensors"
 SINGLE_FILE_KEYS = ("transformer_path", "llm_path", "vae_path")
+
+
+class Part(NamedTuple):
+    """How one part loads: its class (from a Diffusers subfolder), how its subfolder's config is read, how its single
+    file's config is read off the file's shapes, and how the single file loads with that config."""
+    model_cls: type
+    folder_config: Callable[[Path], Any]
+    file_config: Callable[[dict], Any]
+    load_file: Callable[..., torch.nn.Module]
+
+
+PARTS = {"transformer": Part(Lumina2Transformer2DModel, Lumina2Transformer2DModel.load_config,
+                             formats.transformer_config, formats.load_transformer),
+         "text_encoder": Part(Gemma2Model, Gemma2Config.from_pretrained, formats.gemma_config,
+                              formats.load_text_encoder),
+         "vae": Part(AutoencoderKL, AutoencoderKL.load_config, formats.vae_config, formats.load_vae)}
 
 
 class Lumina2Encoders(FluxEncoders):
@@ -109,28 +125,18 @@ class Lumina2Module(DiffusionModule):
         """The part's single file, or its subfolder of the Diffusers folder."""
         return Path(self.part_files[part]) if self.part_files[part] else self.model_dir / part
 
-    def part_config(self, part: str, folder_config: Callable[[Path], Any], file_config: Callable[[dict], Any]) -> Any:
-        """The config of a part: from its subfolder of the Diffusers folder, else read off its single file's shapes."""
+    def part_config(self, part: str) -> Any:
+        """A part's config: from its subfolder of the Diffusers folder, else read off its single file's shapes."""
         if self.model_dir is None:
-            return file_config(read_shapes(self.part_files[part]))
-        return folder_config(self.model_dir / part)
+            return PARTS[part].file_config(read_shapes(self.part_files[part]))
+        return PARTS[part].folder_config(self.model_dir / part)
 
-    def transformer_config(self) -> dict:
-        return self.part_config("transformer", Lumina2Transformer2DModel.load_config, formats.transformer_config)
-
-    def load_vae(self) -> AutoencoderKL:
-        if not self.part_files["vae"]:
-            return AutoencoderKL.from_pretrained(self.model_dir, subfolder="vae", dtype=self.compute_dtype,
-                                                 local_files_only=True)
-        config = self.part_config("vae", AutoencoderKL.load_config, formats.vae_config)
-        return formats.load_vae(self.part_files["vae"], config, self.compute_dtype)
-
-    def load_text_encoder(self) -> Gemma2Model:
-        if not self.part_files["text_encoder"]:
-            return Gemma2Model.from_pretrained(self.model_dir, subfolder="text_encoder", dtype=self.compute_dtype,
-                                               local_files_only=True)
-        config = self.part_config("text_encoder", Gemma2Config.from_pretrained, formats.gemma_config)
-        return formats.load_text_encoder(self.part_files["text_encoder"], config, self.compute_dtype)
+    def load_part(self, part: str) -> torch.nn.Module:
+        """A part from its single file when set, else from its subfolder of the Diffusers folder."""
+        if self.part_files[part]:
+            return PARTS[part].load_file(self.part_files[part], self.part_config(part), self.compute_dtype)
+        return PARTS[part].model_cls.from_pretrained(self.model_dir, subfolder=part, dtype=self.compute_dtype,
+                                                     local_files_only=True)
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.model_dir is None:
@@ -143,8 +149,8 @@ class Lumina2Module(DiffusionModule):
         return FlowMatchEulerDiscreteScheduler.from_pretrained(self.model_dir, subfolder="scheduler")
 
     def pipeline(self, transformer: Optional[Lumina2Transformer2DModel]) -> Lumina2Pipeline:
-        return Lumina2Pipeline(transformer=transformer, vae=self.load_vae(),
-                               text_encoder=self.load_text_encoder().eval(), tokenizer=self.load_tokenizer(),
+        return Lumina2Pipeline(transformer=transformer, vae=self.load_part("vae"),
+                               text_encoder=self.load_part("text_encoder").eval(), tokenizer=self.load_tokenizer(),
                                scheduler=self.load_scheduler())
 
     def base_model(self) -> str:
@@ -168,14 +174,10 @@ class Lumina2Module(DiffusionModule):
 
     # --- training
     def load_denoiser(self) -> Lumina2Transformer2DModel:
-        if self.part_files["transformer"]:
-            return formats.load_transformer(self.part_files["transformer"], self.transformer_config(),
-                                            self.compute_dtype)
-        return Lumina2Transformer2DModel.from_pretrained(self.model_dir, subfolder="transformer",
-                                                         dtype=self.compute_dtype, local_files_only=True)
+        return self.load_part("transformer")
 
     def denoiser_skeleton(self) -> Lumina2Transformer2DModel:
-        return skeleton(Lumina2Transformer2DModel, self.transformer_config())
+        return skeleton(Lumina2Transformer2DModel, self.part_config("transformer"))
 
     def predict(self, noisy_latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
         image_minus_noise = self.denoiser(hidden_states=noisy_latents, timestep=1 - t,
