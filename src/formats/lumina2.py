@@ -9,10 +9,10 @@ Lumina-Image-2.0 ``NextDiT`` (ComfyUI's ``lumina_2_model_bf16.safetensors``, bar
 - text encoder (``gemma_2_2b_fp16.safetensors``): Gemma 2 under ``model.``, plus ComfyUI's ``spiece_model`` (the
   SentencePiece tokenizer model's bytes as a uint8 tensor);
 - VAE (``flux_vae.safetensors``): the Flux VAE in the original LDM names;
+- LoRA (ComfyUI format, what the reference writes): ``diffusion_model.<native module>.lora_A/B.weight``.
 
 Without a Diffusers folder, each part's config is read off its file's tensor shapes (any size), completed by the
 published constants that shapes cannot tell (below).
-- LoRA (ComfyUI format, what the reference writes): ``diffusion_model.<native module>.lora_A/B.weight``.
 """
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ DIFFUSERS_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v")
 # Published values that tensor shapes cannot tell:
 # - Lumina-Image-2.0 (Alpha-VLLM/Lumina-Image-2.0 transformer/config.json): 2x2 patches, RoPE over the head's thirds;
 PATCH_SIZE = 2
-# - Gemma 2 (google/gemma-2-2b config.json): no q/k norms, so the head width is not in the weights;
+# - Gemma 2 (google/gemma-2-2b config.json; its rope_theta is Gemma2Config's default): no q/k norms, so the head
+#   width is not in the weights;
 GEMMA2_CONSTANTS = dict(head_dim=256, query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
                         final_logit_softcapping=30.0, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
                         max_position_embeddings=8192, pad_token_id=0, eos_token_id=1, bos_token_id=2)
