@@ -68,7 +68,6 @@ def caption_then_image_positions(text_mask: torch.Tensor, rows: int, cols: int) 
 
 
 class OmniGen2Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
-    _supports_gradient_checkpointing = True
     _no_split_modules = ["Lumina2TransformerBlock"]
 
     @register_to_config
@@ -101,7 +100,6 @@ class OmniGen2Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                                                   eps=1e-6, bias=True,
                                                   out_dim=patch_size * patch_size * self.out_channels)
         self.image_index_embedding = nn.Parameter(torch.zeros(MAX_REFERENCE_IMAGES, hidden_size))
-        self.gradient_checkpointing = False
 
     def patchify(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, H/p * W/p, p * p * C] (row-major patches, each patch's pixels then channels)."""
@@ -115,11 +113,6 @@ class OmniGen2Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         b = tokens.shape[0]
         patches = tokens.reshape(b, height // p, width // p, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return patches.reshape(b, c, height, width)
-
-    def run_block(self, block: nn.Module, *args: Optional[torch.Tensor]) -> torch.Tensor:
-        if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(block, *args)
-        return block(*args)
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, text_hidden_states: torch.Tensor,
                 text_attention_mask: torch.Tensor) -> torch.Tensor:
@@ -138,11 +131,11 @@ class OmniGen2Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         image_mask = text_mask.new_ones(image.shape[:2])
 
         for block in self.context_refiner:
-            text = self.run_block(block, text, text_mask, text_rotations)
+            text = block(text, text_mask, text_rotations)
         for block in self.noise_refiner:
-            image = self.run_block(block, image, image_mask, image_rotations, temb)
+            image = block(image, image_mask, image_rotations, temb)
         joint = torch.cat([text, image], dim=1)
         joint_mask = torch.cat([text_mask, image_mask], dim=1)
         for block in self.layers:
-            joint = self.run_block(block, joint, joint_mask, rotations, temb)
+            joint = block(joint, joint_mask, rotations, temb)
         return self.unpatchify(self.norm_out(joint[:, text.shape[1]:], temb), height, width)
