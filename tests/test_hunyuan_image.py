@@ -114,3 +114,11 @@ def test_every_lora_key_resolves_to_a_weight_of_the_comfyui_file(lora_run):
         assert down.shape[0] == up.shape[1] and (up.shape[0], down.shape[1]) == weights[f"{name}.weight"].shape, base
     block_linears = {k.removesuffix(".weight") for k in weights if COMFY_BLOCK_LINEAR.match(k.removesuffix(".weight"))}
     assert {base.removeprefix("diffusion_model.") for base in bases} == block_linears
+
+
+def test_preview_guidance_sets_the_guiders_scale(module):
+    """The sample/preview `guidance` (the pipeline's guidance_scale elsewhere) drives HunyuanImage's guiders."""
+    pipeline = module.inference_pipeline()
+    renders = [module.render("a red square", 64, 64, steps=3, seed=0, guidance=g, pipeline=pipeline) for g in (1.5, 6.0)]
+    assert pipeline.guider.guidance_scale == pipeline.ocr_guider.guidance_scale == 6.0
+    assert not torch.allclose(torch.from_numpy(renders[0]), torch.from_numpy(renders[1]))

@@ -171,6 +171,16 @@ class HunyuanImageModule(DiffusionModule):
     def inference_pipeline(self) -> HunyuanImagePipeline:
         return self.place_pipeline(self.pipeline(self.denoiser))
 
+    def call_pipeline(self, pipeline: Optional[HunyuanImagePipeline], seed: int, guidance: Optional[float],
+                      **inputs: Any) -> Any:
+        """HunyuanImagePipeline takes no guidance_scale: `guidance` becomes its guiders' (plain and text) scale."""
+        pipeline = self.inference_pipeline() if pipeline is None else pipeline
+        if guidance is not None:
+            for guider in (pipeline.guider, pipeline.ocr_guider):
+                if guider is not None:
+                    guider.guidance_scale = guidance
+        return super().call_pipeline(pipeline, seed, None, **inputs)
+
     # --- export
     def export_lora(self, lora_state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         save_safetensors(formats.lora_to_comfyui(lora_state_dict), out_dir / LORA_FILE, self.lora_metadata())
