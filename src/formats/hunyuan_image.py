@@ -23,7 +23,6 @@ from transformers import T5Config, T5EncoderModel
 
 from .keymap import Fused, KeyMap, swap_halves, widths, within
 from .single_file import (
-    NATIVE_PREFIX,
     StateDict,
     build_with_weights,
     read_state_dict,
@@ -115,10 +114,9 @@ def lora_to_comfyui(lora_state_dict: Mapping[str, torch.Tensor]) -> StateDict:
 
 def lora_from_comfyui(lora_state_dict: Mapping[str, torch.Tensor], what: str) -> StateDict:
     """A ComfyUI-format HunyuanImage-2.1 LoRA -> PEFT weights under diffusers names."""
-    original = {v: k for k, v in LORA_RENAMES.items()}
-    native = {NATIVE_PREFIX + _renamed(key.removeprefix(NATIVE_PREFIX), original) if key.startswith(NATIVE_PREFIX)
-              else key: tensor for key, tensor in lora_state_dict.items()}
-    return TRANSFORMER.lora_to_diffusers(native, what)
+    original = {comfy: name for name, comfy in LORA_RENAMES.items()}
+    return TRANSFORMER.lora_to_diffusers({_renamed(key, original): tensor for key, tensor in lora_state_dict.items()},
+                                         what)
 
 
 def _renamed(key: str, renames: Mapping[str, str]) -> str:

@@ -9,6 +9,8 @@ Files: ComfyUI's `transformer_path` (hunyuanimage2.1.safetensors), `vae_path` (h
 (a HunyuanImage-2.1 Diffusers folder) gives what they cannot: the model configs, both tokenizers, the scheduler
 and guiders, and the weights of any part without its file. LoRAs export in ComfyUI format, full fine-tunes as
 ComfyUI's single file (see src/formats/hunyuan_image.py)."""
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -106,25 +108,27 @@ class HunyuanImageModule(DiffusionModule):
     def weights_source(self, part: str) -> Path:
         return self.part_file(part) or self.model_dir / part
 
-    def load_part(self, part: str, model_cls: type, load_file_fn, config: Any) -> torch.nn.Module:
-        """The part from its single file (config from the folder), else from the folder."""
+    def load_part(self, part: str, model_cls: type, read_file: Callable[..., torch.nn.Module]
+                  ) -> torch.nn.Module:
+        """The part from its single file (`read_file(file, dtype=...)`), else from the folder."""
         file = self.part_file(part)
         if file is None:
             return model_cls.from_pretrained(self.model_dir, subfolder=part, dtype=self.compute_dtype,
                                              local_files_only=True).eval()
-        return load_file_fn(file, config, self.compute_dtype)
+        return read_file(file, dtype=self.compute_dtype)
 
     def pipeline(self, transformer: Optional[HunyuanImageTransformer2DModel]) -> HunyuanImagePipeline:
         root = self.model_dir
-        vae_config = AutoencoderKLHunyuanImage.load_config(root, subfolder="vae")
+        vae = skeleton(AutoencoderKLHunyuanImage, AutoencoderKLHunyuanImage.load_config(root, subfolder="vae"))
+        qwen_config = Qwen2_5_VLConfig.from_pretrained(root / "text_encoder")
+        byt5_config = T5Config.from_pretrained(root / "text_encoder_2")
         return HunyuanImagePipeline.from_pretrained(
             root, transformer=transformer, local_files_only=True,
-            vae=self.load_part("vae", AutoencoderKLHunyuanImage, formats.load_vae,
-                               skeleton(AutoencoderKLHunyuanImage, vae_config)),
-            text_encoder=self.load_part("text_encoder", Qwen2_5_VLForConditionalGeneration, load_text_encoder,
-                                        Qwen2_5_VLConfig.from_pretrained(root / "text_encoder")),
-            text_encoder_2=self.load_part("text_encoder_2", T5EncoderModel, formats.load_byt5,
-                                          T5Config.from_pretrained(root / "text_encoder_2")))
+            vae=self.load_part("vae", AutoencoderKLHunyuanImage, partial(formats.load_vae, skeleton=vae)),
+            text_encoder=self.load_part("text_encoder", Qwen2_5_VLForConditionalGeneration,
+                                        partial(load_text_encoder, config=qwen_config)),
+            text_encoder_2=self.load_part("text_encoder_2", T5EncoderModel,
+                                          partial(formats.load_byt5, config=byt5_config)))
 
     # --- caching
     def cache_fingerprints(self) -> tuple[str, str]:
@@ -149,8 +153,8 @@ class HunyuanImageModule(DiffusionModule):
         return HunyuanImageTransformer2DModel.load_config(self.model_dir, subfolder="transformer")
 
     def load_denoiser(self) -> HunyuanImageTransformer2DModel:
-        return self.load_part("transformer", HunyuanImageTransformer2DModel, formats.load_transformer,
-                              self.denoiser_config())
+        return self.load_part("transformer", HunyuanImageTransformer2DModel,
+                              partial(formats.load_transformer, config=self.denoiser_config()))
 
     def denoiser_skeleton(self) -> HunyuanImageTransformer2DModel:
         return skeleton(HunyuanImageTransformer2DModel, self.denoiser_config())
