@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from difftrain.config.validate import ConfigError
 from difftrain.models.omnigen2 import OmniGen2Transformer2DModel
 from difftrain.training import build_module
 
@@ -64,8 +63,3 @@ def test_reads_the_original_folder_and_trains_with_upstreams_flow_matching_loss(
     upstream = ((output - (latents - noise)) ** 2).flatten(1).mean(1).mean()
     torch.testing.assert_close(ours, upstream, rtol=1e-5, atol=1e-6)
 
-
-def test_full_finetune_is_refused_with_one_line(make_config):
-    module = build_module(make_config("model=omnigen2", "model.tiny=true", "adapter=none"))
-    with pytest.raises(ConfigError, match="adapter=lora"):
-        module.setup("fit")

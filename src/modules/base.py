@@ -71,6 +71,7 @@ class DiffusionModule(LightningModule, ABC):
     text_depends_on_images: bool = False                # encode_captions sees the controls (cache key covers them)
     fold_lora_scale: bool = True                        # False: export_lora gets unscaled weights, writes alpha
     tiny_models: tuple[str, ...] = ()                   # what model.tiny=true reads: names in src/tiny's TINY_MODELS
+    lora_only: bool = False                             # True: no full fine-tune (adapter=none is refused)
 
     # The constructor declares the config keys every family shares: their types, choices and defaults are what
     # validation checks (src/config/family.py reads them from this signature without importing this module).
@@ -107,6 +108,12 @@ class DiffusionModule(LightningModule, ABC):
         self.text_encoders = torch.nn.ModuleDict()  # the ones that train (load_text_encoders)
         self.loop_encoders: dict[str, torch.nn.Module] = {}  # frozen, unregistered: see load_loop_encoders
         self.strict_loading = False  # checkpoints hold trainable weights only; the base comes from disk
+
+    def refuse_unsupported_training(self) -> None:
+        """Runs before anything is cached or loaded."""
+        if self.lora_only and not self.is_lora:
+            raise ConfigError(f"model={self.cache_name} trains LoRAs only (no full fine-tune, as the reference "
+                              f"trainer): use adapter=lora.")
 
     def build_tiny_models(self) -> None:
         """With model.tiny=true, build (once, into the tiny cache) every tiny model the family reads. Runs before

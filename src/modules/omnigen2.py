@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
 from difftrain.config.keys import ModelPath
-from difftrain.config.validate import ConfigError
 from difftrain.datamodules.cache import fingerprint_files
 from difftrain.formats.qwen_image import lora_from_comfyui, lora_to_comfyui
 from difftrain.models.omnigen2 import OmniGen2Transformer2DModel
@@ -46,6 +45,7 @@ class OmniGen2Encoders(FluxEncoders):
 class OmniGen2Module(DiffusionModule):
     cache_name = "omnigen2"
     tiny_models = ("omnigen2",)
+    lora_only = True
     lora_target_blocks = ("Lumina2TransformerBlock",)
     block_lists = ("context_refiner", "noise_refiner", "layers")  # the order forward runs them
     pixels_round_to_multiple = 16  # VAE factor 8 x 2x2 patches
@@ -58,10 +58,6 @@ class OmniGen2Module(DiffusionModule):
         super().__init__(**common)
         self.diffusers_path = diffusers_path
         self.max_sequence_length = max_sequence_length
-
-    def setup(self, stage: str) -> None:
-        if not self.is_lora:  # checked at training only: the conformance checks load the base with adapter=none
-            raise ConfigError("model=omnigen2 trains LoRAs only (as the reference trainer): use adapter=lora.")
 
     # --- files
     @property
