@@ -31,21 +31,14 @@ from difftrain.tiny import tiny_model_dir
 from difftrain.utils.atomic import save_safetensors
 
 from .base import DiffusionModule, skeleton
+from .flux import FluxEncoders
 
 LORA_FILE = "adapter_model.safetensors"
 TEXT_PARTS = ("text_encoder", "tokenizer")
 
 
-class LTXEncoders:
+class LTXEncoders(FluxEncoders):
     """The VAE and T5 of an LTXPipeline, used once to fill the cache."""
-
-    def __init__(self, pipe: LTXPipeline, max_sequence_length: int):
-        self.pipe = pipe
-        self.max_sequence_length = max_sequence_length
-
-    def to(self, device: torch.device) -> "LTXEncoders":
-        self.pipe.to(device)
-        return self
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
