@@ -60,8 +60,7 @@ class LTXVideoModule(DiffusionModule):
     tiny_models = ("ltx_video",)
     lora_target_blocks = ("LTXVideoTransformerBlock",)
     block_lists = ("transformer_blocks",)
-    keep_in_high_precision = (r"^proj_in", r"^time_embed", r"^caption_projection", r"^proj_out", r"norm",
-                              r"scale_shift_table")
+    keep_in_high_precision = (r"^proj_in", r"^time_embed", r"^caption_projection", r"^proj_out", r"norm")
     pixels_round_to_multiple = 32  # the VAE's spatial factor
     framerate = 25  # LTXPipeline's default frame_rate
     frames_multiple = 8  # the VAE's temporal factor: 8k+1 frames
@@ -168,7 +167,9 @@ class LTXVideoModule(DiffusionModule):
         p = self.first_frame_conditioning_p
         if not self.training or p == 0 or latents.shape[2] == 1:
             return torch.zeros(latents.shape[0], dtype=torch.bool)
-        generator = torch.Generator().manual_seed(hash((self.seed, self.global_step, self.global_rank, "i2v")) % 2**63)
+        # Numbers only (a str's hash changes between processes): a resumed run draws as the uninterrupted one.
+        # Three of them: a stream apart from step_generator's (it hashes four); a step's micro-batches draw alike.
+        generator = torch.Generator().manual_seed(hash((self.seed, self.global_step, self.global_rank)) % 2**63)
         return torch.rand(latents.shape[0], generator=generator) < p
 
     def predict(self, noisy_latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
