@@ -71,6 +71,7 @@ FAMILIES = {
     "hunyuan_image": Family(("model=hunyuan_image", *TINY_FLOAT32, "dataset.resolutions=[64]",
                              "dataset.caption_prefix=\"a sign that says 'hi', \""), "adapter_model.safetensors",
                             ("transformer_path", "hunyuanimage2.1.safetensors")),
+    "ltx_video": Family(("model=ltx_video", *WAN[1:-1], "dataset.frame_buckets=[1,9]"), "adapter_model.safetensors"),
 }
 FP8_STORED_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)  # layerwise casting's
 LORA = ("adapter.rank=4", "adapter.alpha=8", "optimizer.lr=1e-2", "scheduler=cosine", "scheduler.warmup_steps=1",

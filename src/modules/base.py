@@ -517,12 +517,13 @@ def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: Option
                  loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The mean over samples of each sample's MSE, times its weight when the schedule gives weights. With a
     `loss_mask` [B, h, w] (dataset.mask_path, on the latent grid; every channel and frame alike), each sample's
-    MSE is its mask-weighted mean: an all-black mask makes it 0, with no gradient."""
+    MSE is its mask-weighted mean: an all-black mask makes it 0, with no gradient. A mask with more trailing dims
+    ([B, F, h, w]: LTX-Video's first-frame conditioning) weights those too."""
     errors = F.mse_loss(prediction.float(), target.float(), reduction="none")
     if loss_mask is None:
         per_sample = errors.flatten(1).mean(1)
     else:
-        mask = loss_mask.to(errors).view(len(errors), *[1] * (errors.ndim - 3), *loss_mask.shape[-2:])
+        mask = loss_mask.to(errors).view(len(errors), *[1] * (errors.ndim - loss_mask.ndim), *loss_mask.shape[1:])
         mask = mask.expand_as(errors).flatten(1)
         per_sample = (errors.flatten(1) * mask).sum(1) / mask.sum(1).clamp(min=1e-8)
     if weights is not None:
