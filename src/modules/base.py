@@ -27,6 +27,7 @@ from difftrain.tiny import tiny_model
 from .adapters import is_adapter_weight, part_prefix, peft_config, prepare_adapter, write_adapter
 from .block_swap import BlockSwap
 from .checkpointing import checkpoint_blocks
+from .compile import compile_blocks
 from .nf4 import quantize_linears_nf4
 from .noise_schedules import FlowMatching
 from .timesteps import TimestepSampler
@@ -85,7 +86,7 @@ class DiffusionModule(LightningModule, ABC):
                  activation_checkpointing: Annotated[Literal[False, True, "offload"], Choices(listed=(
                      "true (recompute each block's activations in backward), offload (the same, with the block "
                      "inputs kept for it in CPU memory: the reference trainer's 'unsloth') or false"))] = False,
-                 blocks_to_swap: int = 0,
+                 blocks_to_swap: int = 0, compile: bool = False,
                  adapter: Optional[DictConfig] = None,
                  optimizer: Optional[DictConfig] = None, scheduler: Optional[DictConfig] = None,
                  eval_names: tuple[str, ...] = (), seed: int = 0):
@@ -99,6 +100,7 @@ class DiffusionModule(LightningModule, ABC):
         self.activation_checkpointing = activation_checkpointing
         self.blocks_to_swap = blocks_to_swap
         self.block_swap: Optional[BlockSwap] = None
+        self.compiled_blocks = compile  # regional compilation (compile.py)
         self.adapter_cfg = adapter
         self.optimizer_cfg = optimizer
         self.scheduler_cfg = scheduler
@@ -283,6 +285,8 @@ class DiffusionModule(LightningModule, ABC):
             apply_layerwise_casting(denoiser, storage_dtype=self.storage_dtype, compute_dtype=self.compute_dtype,
                                     skip_modules_pattern=(*self.keep_in_high_precision, "lora_"))
         self.denoiser = denoiser
+        if self.compiled_blocks:  # before checkpointing and block swap wrap the blocks (see compile.py)
+            compile_blocks(self.blocks())
         if self.blocks_to_swap:
             self.block_swap = self._swap_blocks()
         if self.activation_checkpointing:

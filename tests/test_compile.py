@@ -1,0 +1,70 @@
+"""model.compile=true (src/modules/compile.py): the tiny Flux trained 2 steps with its blocks compiled, one step in
+each of two buckets, with LoRA, activation checkpointing and block swap on (CPU), against the same run in eager
+mode. One compiled run serves every assert: a first compile takes most of the test's time."""
+import shutil
+
+import pytest
+import torch
+from lightning import Callback
+from safetensors.torch import load_file
+from torch._dynamo.utils import counters
+
+from difftrain.config.validate import ConfigError, validate
+from difftrain.training import run
+from tests.conftest import EXAMPLE_IMAGES, compose_config
+
+# Two buckets (80 and 112 px squares of one image: 25 and 49 image tokens, sizes no width of the tiny Flux shares,
+# which would make torch specialise on them), one step each; every block feature that combines with compile.
+COMMON = ("trainer.max_steps=2", "checkpoint_every_n_steps=null", "dataset.resolutions=[80,112]",
+          "adapter.rank=4", "optimizer.lr=1e-2", "model.activation_checkpointing=true", "model.blocks_to_swap=2",
+          "+callbacks.graphs._target_=tests.test_compile.CompiledGraphs")
+
+
+class CompiledGraphs(Callback):
+    """Per training step: its latents' shape and the number of graphs torch has compiled so far."""
+
+    def __init__(self):
+        self.steps: list[tuple[tuple[int, ...], int]] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.steps.append((tuple(batch["latents"].shape), counters["stats"]["unique_graphs"]))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{"eager": ..., "compiled": ...}: the same 2-step run without and with model.compile=true."""
+    data = tmp_path_factory.mktemp("one-image")
+    for name in ("02_blue_triangle.jpg", "02_blue_triangle.txt"):  # square: one bucket per resolution
+        shutil.copy(EXAMPLE_IMAGES / name, data)
+    root = tmp_path_factory.mktemp("compile-runs")
+    return {name: run(compose_config(root / name, *COMMON, f"dataset.path={data}", f"model.compile={compile}"))
+            for name, compile in (("eager", "false"), ("compiled", "true"))}
+
+
+def graphs_per_step(training_run) -> list[tuple[tuple[int, ...], int]]:
+    callback = next(c for c in training_run.trainer.callbacks if isinstance(c, CompiledGraphs))
+    return callback.steps
+
+
+def test_compiled_training_exports_the_lora_of_eager_training(runs):
+    eager = load_file(runs["eager"].final_export / "pytorch_lora_weights.safetensors")
+    compiled = load_file(runs["compiled"].final_export / "pytorch_lora_weights.safetensors")
+    assert eager.keys() == compiled.keys()
+    assert any(t.abs().sum() > 0 for k, t in eager.items() if "lora_B" in k), "training changed no LoRA"
+    for key in eager:
+        # Inductor fuses and reorders fp32 reductions: measured differences <= TOLERANCE_MEASURED after 2 steps.
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_blocks_are_compiled_once_and_a_second_bucket_compiles_nothing(runs):
+    (first_shape, graphs_after_first), (second_shape, graphs_after_second) = graphs_per_step(runs["compiled"])
+    assert first_shape != second_shape, "the two steps should come from two buckets"
+    before = graphs_per_step(runs["eager"])[-1][1]
+    assert graphs_after_first > before, "no block was compiled"
+    assert graphs_after_second == graphs_after_first, "the second bucket recompiled"
+
+
+def test_compile_with_fp8_storage_is_refused_at_validation(tmp_path):
+    cfg = compose_config(tmp_path, "model.compile=true", "model.transformer_dtype=float8")
+    with pytest.raises(ConfigError, match="model.compile=true .* model.transformer_dtype=float8"):
+        validate(cfg)
