@@ -202,9 +202,11 @@ class HunyuanVideoModule(DiffusionModule):
 
     def predict(self, noisy_latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
         guidance = torch.full_like(t, self.guidance * 1000)  # the pipeline embeds guidance_scale * 1000
-        return self.denoiser(hidden_states=noisy_latents, timestep=t * 1000,
-                             encoder_hidden_states=text["prompt_embeds"],
-                             encoder_attention_mask=text["prompt_embeds_mask"],
+        embeds = text["prompt_embeds"]
+        # collate_text masks a batch of captions with different lengths only
+        mask = text.get("prompt_embeds_mask", torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device))
+        return self.denoiser(hidden_states=noisy_latents, timestep=t * 1000, encoder_hidden_states=embeds,
+                             encoder_attention_mask=mask,
                              pooled_projections=text["pooled_prompt_embeds"], guidance=guidance,
                              return_dict=False)[0]
 
