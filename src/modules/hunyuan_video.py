@@ -15,6 +15,7 @@ Weights come from Tencent's official inference folder or from ComfyUI files (nev
 
 LoRAs export as `transformer.<original names>.lora_A/lora_B.weight` (ComfyUI and diffusers read them). LoRA only:
 there is no full fine-tune export."""
+import pickle
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -158,7 +159,8 @@ class HunyuanVideoModule(DiffusionModule):
         return HunyuanVideoPipeline(
             transformer=transformer, vae=formats.load_vae(self.vae_file, dtype),
             text_encoder=LlamaModel.from_pretrained(self.llm_dir, dtype=dtype, local_files_only=True),
-            tokenizer=AutoTokenizer.from_pretrained(self.llm_dir, local_files_only=True),
+            # right padding: the pipeline crops the template off the front and masks the end
+            tokenizer=AutoTokenizer.from_pretrained(self.llm_dir, padding_side="right", local_files_only=True),
             text_encoder_2=CLIPTextModel.from_pretrained(self.clip_dir, dtype=dtype, local_files_only=True),
             tokenizer_2=CLIPTokenizer.from_pretrained(self.clip_dir, local_files_only=True),
             scheduler=FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT))
@@ -193,7 +195,7 @@ class HunyuanVideoModule(DiffusionModule):
     def load_denoiser(self) -> HunyuanVideoTransformer3DModel:
         try:
             return formats.load_transformer(self.transformer_file, self.compute_dtype, self.rope_axes_dim)
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, ValueError, KeyError, pickle.UnpicklingError) as error:
             raise ConfigError(f"Cannot load the HunyuanVideo transformer from {self.transformer_file}: {error}") from error
 
     def image_seq_len(self, latents: torch.Tensor) -> int:

@@ -48,7 +48,6 @@ def vae() -> AutoencoderKLHunyuanVideo:
 def llama_tokenizer() -> LlamaTokenizer:
     tokenizer = hidream.llama_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": LLAMA3_HEADER_TOKENS})
-    tokenizer.padding_side = "right"  # the pipeline crops the template off the front
     return tokenizer
 
 
