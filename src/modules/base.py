@@ -71,6 +71,7 @@ class DiffusionModule(LightningModule, ABC):
     text_depends_on_images: bool = False                # encode_captions sees the controls (cache key covers them)
     fold_lora_scale: bool = True                        # False: export_lora gets unscaled weights, writes alpha
     tiny_models: tuple[str, ...] = ()                   # what model.tiny=true reads: names in src/tiny's TINY_MODELS
+    lora_only: bool = False                             # no full fine-tune: training with adapter=none is refused
 
     # The constructor declares the config keys every family shares: their types, choices and defaults are what
     # validation checks (src/config/family.py reads them from this signature without importing this module).
@@ -254,6 +255,11 @@ class DiffusionModule(LightningModule, ABC):
     def is_lora(self) -> bool:
         """Whether an adapter (adapter=lora, lokr or loha) trains, rather than every weight."""
         return self.adapter_cfg is not None and self.adapter_cfg.type != "none"
+
+    def setup(self, stage: str) -> None:
+        if self.lora_only and not self.is_lora:  # at training only: the conformance suite loads bases with adapter=none
+            raise ConfigError(f"{type(self).__name__} trains LoRAs only (a full fine-tune is not supported): use "
+                              f"adapter=lora.")
 
     @property
     def lora_alpha(self) -> float:
