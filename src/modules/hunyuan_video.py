@@ -163,8 +163,7 @@ class HunyuanVideoModule(DiffusionModule):
 
     # --- caching
     def cache_fingerprints(self) -> tuple[str, str]:
-        text = fingerprint_files(self.llm_dir, self.clip_dir,
-                                 extra=f"hunyuan_video:{self.max_sequence_length}:tiny={self.tiny}")
+        text = fingerprint_files(self.llm_dir, self.clip_dir, extra=f"hunyuan_video:{self.max_sequence_length}")
         return fingerprint_files(self.vae_file, extra="hunyuan_video"), text
 
     def load_cache_encoders(self) -> HunyuanVideoEncoders:
@@ -191,7 +190,10 @@ class HunyuanVideoModule(DiffusionModule):
     def load_denoiser(self) -> HunyuanVideoTransformer3DModel:
         try:
             return formats.load_transformer(self.transformer_file, self.compute_dtype, self.rope_axes_dim)
-        except (OSError, ValueError, KeyError, pickle.UnpicklingError) as error:
+        except pickle.UnpicklingError as error:
+            raise ConfigError(f"{self.transformer_file} holds objects other than tensors: checkpoints are read with "
+                              f"weights_only=True, which refuses pickled code. Use the official or ComfyUI file.") from error
+        except (OSError, ValueError, KeyError) as error:
             raise ConfigError(f"Cannot load the HunyuanVideo transformer from {self.transformer_file}: {error}") from error
 
     def image_seq_len(self, latents: torch.Tensor) -> int:
