@@ -123,18 +123,19 @@ def test_lora_reader_equals_diffusers_lora_converter_at_real_size():
 
 def test_lora_loads_in_diffusers_pipeline_and_reproduces_our_output(trained, tmp_path):
     """diffusers' converter reads every key at the tiny size except the single blocks' linear1 (split at 3072
-    rows): with that LoRA zeroed in our model and left out of the file, the pipeline's load reproduces us."""
+    rows): with that LoRA zeroed in our model (the shared run's module: later tests read only its data) and left
+    out of the file, the pipeline's load reproduces us."""
     ours = trained.module.eval()
     for block in ours.denoiser.single_transformer_blocks:
         for layer in (block.attn.to_q, block.attn.to_k, block.attn.to_v, block.proj_mlp):
             layer.lora_B.default.weight.data.zero_()
     lora = {k: v for k, v in load_file(trained.final_export / LORA_FILE).items() if ".linear1." not in k}
     save_file(lora, tmp_path / LORA_FILE)
-    consumer = fresh_module(tmp_path)
-    consumer.inference_pipeline().load_lora_weights(tmp_path / LORA_FILE)
     batch = next(iter(trained.datamodule.train_dataloader()))
     expected = prediction(ours, batch)
-    assert not torch.allclose(prediction(fresh_module(tmp_path), batch), expected, atol=1e-4)
+    consumer = fresh_module(tmp_path)
+    assert not torch.allclose(prediction(consumer, batch), expected, atol=1e-4), "the LoRA changes nothing"
+    consumer.inference_pipeline().load_lora_weights(tmp_path / LORA_FILE)
     torch.testing.assert_close(prediction(consumer, batch), expected, rtol=1e-5, atol=1e-5)
 
 
