@@ -3,8 +3,8 @@ bundled example videos, with 1 vs 2 decoding worker processes (dataset.cache_wor
 
 The clips are the ones the real datamodule plans for `model=<--model> dataset=videos` (its `_plan`: scan, the
 family's framerate, frame bucket, clip mode, at --resolution), repeated --repeat times; each is produced by the
-real `MediaToEncode` (`load_video`) through the same DataLoader the cache fill uses, minus the VAE. Runs alternate the order of the
-worker counts across trials, after one untimed warm-up. See benchmarks/README.md."""
+real `MediaToEncode` (`load_video`) through the same DataLoader the cache fill uses, minus the VAE. Runs alternate
+the order of the worker counts across trials, after one untimed warm-up. See benchmarks/README.md."""
 import argparse
 import tempfile
 import time

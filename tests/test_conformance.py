@@ -66,6 +66,12 @@ FAMILIES = {
     "lumina2": Family(("model=lumina2", *TINY_FLOAT32, "dataset.resolutions=[64]"), "adapter_model.safetensors",
                       ("transformer_path", "lumina_2_model.safetensors"), fp8=False),
     "hidream": Family(("model=hidream", *TINY_FLOAT32, "dataset.resolutions=[64]"), "adapter_model.safetensors"),
+    "omnigen2": Family(("model=omnigen2", *TINY_FLOAT32, "dataset.resolutions=[64]"), "adapter_model.safetensors", fp8=False),
+    # quoted caption text feeds the glyph ByT5 branch; no diffusers loader: read by the family's reader
+    "hunyuan_image": Family(("model=hunyuan_image", *TINY_FLOAT32, "dataset.resolutions=[64]",
+                             "dataset.caption_prefix=\"a sign that says 'hi', \""), "adapter_model.safetensors",
+                            ("transformer_path", "hunyuanimage2.1.safetensors")),
+    "ltx_video": Family(("model=ltx_video", *WAN[1:-1], "dataset.frame_buckets=[1,9]"), "adapter_model.safetensors"),
     "hunyuan_video": Family(("model=hunyuan_video", *WAN[1:]), "adapter_model.safetensors"),  # LoRA only
 }
 FP8_STORED_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)  # layerwise casting's

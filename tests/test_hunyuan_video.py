@@ -179,7 +179,3 @@ def test_prompt_embeddings_equal_the_pipelines_and_crop_the_template(tmp_path):
     torch.testing.assert_close(batch["prompt_embeds"][batch["prompt_embeds_mask"]], embeds[mask.bool()])
     torch.testing.assert_close(batch["pooled_prompt_embeds"], pooled)
 
-
-def test_full_finetune_is_refused(make_config):
-    with pytest.raises(ConfigError, match="trains LoRAs only"):
-        run(make_config(*OVERRIDES, "adapter=none", "trainer.max_steps=1"))

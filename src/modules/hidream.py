@@ -74,11 +74,11 @@ class HiDreamEncoders(FluxEncoders):
 class HiDreamModule(DiffusionModule):
     cache_name = "hidream"
     tiny_models = ("hidream",)
+    lora_only = True
     lora_target_blocks = ("HiDreamImageTransformerBlock", "HiDreamImageSingleTransformerBlock")
     block_lists = ("double_stream_blocks", "single_stream_blocks")
     keep_in_high_precision = (r"^t_embedder", r"^p_embedder", r"^x_embedder", r"^final_layer")
     pixels_round_to_multiple = 16  # VAE factor 8 x 2x2 patches
-    lora_only = True  # a full fine-tune of its 17B transformer is not supported
 
     def __init__(self,
                  diffusers_path: Annotated[Optional[str], ModelPath(
