@@ -66,6 +66,9 @@ FAMILIES = {
     "lumina2": Family(("model=lumina2", *TINY_FLOAT32, "dataset.resolutions=[64]"), "adapter_model.safetensors",
                       ("transformer_path", "lumina_2_model.safetensors"), fp8=False),
     "hidream": Family(("model=hidream", *TINY_FLOAT32, "dataset.resolutions=[64]"), "adapter_model.safetensors"),
+    "cosmos_predict2": Family(("model=cosmos_predict2", *TINY_FLOAT32, "model.max_sequence_length=16",
+                               "dataset.resolutions=[32]"), "adapter_model.safetensors",
+                              ("transformer_path", "cosmos_predict2.safetensors")),
 }
 FP8_STORED_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)  # layerwise casting's
 LORA = ("adapter.rank=4", "adapter.alpha=8", "optimizer.lr=1e-2", "scheduler=cosine", "scheduler.warmup_steps=1",
