@@ -1,0 +1,93 @@
+"""What is special to the Cosmos families (the conformance suite covers the rest): Cosmos-Predict2's original
+files (a pickle read with weights_only only, the OLD T5 v1.0), its fp8 choice (e5m2; e4m3 warned) and LoRA names;
+the EDM objective of Cosmos 1.0 against hand-computed values."""
+import logging
+import math
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import T5Config, T5EncoderModel
+
+from difftrain.formats.cosmos_common import read_original
+from difftrain.formats.old_t5 import load_old_t5
+from difftrain.formats.single_file import save_native
+from difftrain.modules.noise_schedules import EDM
+from difftrain.tiny import tiny_model
+from difftrain.training import build_module, run
+from tests.conftest import compose_config
+
+PREDICT2 = ("model=cosmos_predict2", "model.tiny=true", "model.dtype=float32", "model.max_sequence_length=16",
+            "dataset.resolutions=[32]")
+# lora-formats.md: the LoRA-targeted native Linears of Cosmos-Predict2's blocks, as ComfyUI names them
+PREDICT2_LORA_KEY = re.compile(r"^diffusion_model\.blocks\.\d+\.((self|cross)_attn\.(q|k|v|output)_proj|mlp\.layer[12]"
+                               r"|adaln_modulation_(self_attn|cross_attn|mlp)\.[12])\.lora_[AB]\.weight$")
+
+
+@pytest.fixture(scope="module")
+def e5m2_lora_run(tmp_path_factory):
+    return run(compose_config(tmp_path_factory.mktemp("predict2") / "run", *PREDICT2,
+                              "model.transformer_dtype=float8_e5m2", "trainer.max_steps=2", "adapter.rank=4"))
+
+
+def test_predict2_trains_on_an_e5m2_base_and_exports_comfyui_native_lora_names(e5m2_lora_run):
+    module = e5m2_lora_run.module
+    stored = {layer.weight.dtype for name, layer in module.denoiser.named_modules()
+              if isinstance(layer, torch.nn.Linear) and name.startswith("transformer_blocks") and "lora_" not in name}
+    assert stored == {torch.float8_e5m2}
+    lora = load_file(e5m2_lora_run.final_export / "adapter_model.safetensors")
+    assert lora and all(PREDICT2_LORA_KEY.match(key) for key in lora), sorted(lora)[:5]
+    original = read_original(tiny_model("cosmos_predict2") / "model.pt")
+    modules = {key.removeprefix("diffusion_model.").rsplit(".lora_", 1)[0] for key in lora}
+    assert all(f"{m}.weight" in original for m in modules)  # every LoRA module is a weight of the original file
+
+
+def test_predict2_e4m3_base_is_warned_about_in_one_line(make_config, caplog):
+    with caplog.at_level(logging.WARNING):
+        build_module(make_config(*PREDICT2, "model.transformer_dtype=float8"))
+    warnings = [r.getMessage() for r in caplog.records if "float8_e5m2" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+
+
+def test_predict2_pickle_is_read_with_weights_only(tmp_path):
+    pickled = tmp_path / "model.pt"
+    torch.save({"net.x_embedder.proj.1.weight": torch.zeros(2, 2), "config": logging.getLogger("any object")}, pickled)
+    with pytest.raises(ValueError, match=r"weights_only=True") as error:
+        read_original(pickled)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="model.pt or a .safetensors"):
+        read_original(tmp_path / "model.ckpt")
+
+
+def test_a_t5_v11_file_is_refused_asking_for_the_old_t5(tmp_path):
+    torch.manual_seed(0)
+    config = T5Config(d_model=8, d_ff=16, d_kv=4, num_heads=2, num_layers=1, vocab_size=32,
+                      feed_forward_proj="gated-gelu")
+    state = T5EncoderModel(config).state_dict()
+    save_native({k: v for k, v in state.items() if k != "encoder.embed_tokens.weight"}, tmp_path / "t5xxl.safetensors")
+    with pytest.raises(ValueError, match="OLD T5 v1.0 XXL, ComfyUI's oldt5_xxl_fp16"):
+        load_old_t5(tmp_path / "t5xxl.safetensors", torch.float32)
+
+
+def test_edm_loss_is_the_karras_weighted_denoising_loss_with_cosmos_preconditioning():
+    """Hand-computed EDM (sigma_data 0.5, rho 7, sigma in [0.002, 80]): the loss our step takes on the denoiser's
+    raw output F equals lambda(sigma) ||c_skip x_sigma + c_out F - x||^2 with lambda = (sigma^2 + sd^2) / (sigma sd)^2,
+    and the denoiser sees c_in x_sigma and log(sigma) / 4."""
+    from difftrain.modules.base import weighted_mse
+
+    sd, t = 0.5, torch.tensor([0.0, 0.3, 1.0])
+    sigma = torch.tensor([(80 ** (1 / 7) + (1 - float(v)) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for v in t])
+    assert sigma[0] == pytest.approx(0.002) and sigma[2] == pytest.approx(80.0)
+    generator = torch.Generator().manual_seed(0)
+    x, eps, output = (torch.randn(3, 4, 1, 2, 2, generator=generator, dtype=torch.float64) for _ in range(3))
+    s = sigma.double().view(-1, 1, 1, 1, 1)
+    noised = x + s * eps
+    c_skip, c_out, c_in = sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt(), 1 / (s**2 + sd**2).sqrt()
+    edm = EDM()
+    torch.testing.assert_close(edm.denoiser_timesteps(t).double(), 0.25 * sigma.double().log(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(edm.add_noise(x, eps, t).double(), c_in * noised, rtol=1e-5, atol=1e-6)
+    weights = (sigma.double() ** 2 + sd**2) / (sigma.double() * sd) ** 2
+    per_sample = ((c_skip * noised + c_out * output - x) ** 2).flatten(1).mean(1)
+    ours = weighted_mse(output, edm.target(x, eps, t), edm.loss_weights(t))
+    assert float(ours) == pytest.approx(float((weights * per_sample).mean()), rel=1e-4)
