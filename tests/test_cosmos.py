@@ -2,7 +2,6 @@
 files (a pickle read with weights_only only, the OLD T5 v1.0), its fp8 choice (e5m2; e4m3 warned) and LoRA names;
 the EDM objective of Cosmos 1.0 against hand-computed values."""
 import logging
-import math
 import re
 
 import pytest
