@@ -125,7 +125,7 @@ def test_script_finds_every_family_module_builders(tmp_path):
     result = run_script("--out", str(tmp_path), "not-a-family")
     assert result.returncode != 0
     known = result.stderr.strip().splitlines()[-1].split("known: ")[1].split(", ")
-    assert set(known) == {"flux", "sdxl", "chroma", "qwen_image", "sd3", "lumina2", "hidream", "cosmos_predict2", *wan.TINY_MODELS}
+    assert set(known) == {"flux", "sdxl", "chroma", "qwen_image", "sd3", "lumina2", "hidream", "cosmos_predict2", "cosmos", *wan.TINY_MODELS}
 
 
 def test_script_builds_into_out(tmp_path, flux_dir):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pickle
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -19,6 +19,8 @@ ORIGINAL_PREFIX = "net."
 PICKLE_SUFFIXES = (".pt", ".pth")
 # Training state and tables the model recomputes (rotary tables, EDM's log-variance head): no diffusers weight.
 NOT_WEIGHTS = re.compile(r"^(accum_|logvar\.|pos_embedder\.)|_extra_state$")
+# The rotary scales of a released model of this width (no weight shape shows them).
+RopeScale = Callable[[int], Sequence[float]]
 PATCH_SIZE = (1, 2, 2)  # every released Cosmos; the patch embedding's shape cannot tell t from h and w
 
 
@@ -38,7 +40,7 @@ def read_original(path: str | Path, shapes_only: bool = False) -> StateDict:
     return {key: tensor for key, tensor in state.items() if not NOT_WEIGHTS.search(key)}
 
 
-def transformer_config(state: Mapping[str, torch.Tensor], rope_scale: Sequence[float],
+def transformer_config(state: Mapping[str, torch.Tensor], rope_scale: RopeScale,
                        max_size: Sequence[int] = (128, 240, 240)) -> dict:
     """The CosmosTransformer3DModel config of diffusers-named weights; `max_size` is read from a learnable position
     embedding when there is one (Cosmos 1.0)."""
@@ -55,11 +57,11 @@ def transformer_config(state: Mapping[str, torch.Tensor], rope_scale: Sequence[f
                 mlp_ratio=state["transformer_blocks.0.ff.net.0.proj.weight"].shape[0] / inner_dim,
                 text_embed_dim=state["transformer_blocks.0.attn2.to_k.weight"].shape[1],
                 adaln_lora_dim=state["transformer_blocks.0.norm1.linear_1.weight"].shape[0],
-                max_size=tuple(max_size), patch_size=PATCH_SIZE, rope_scale=tuple(rope_scale),
+                max_size=tuple(max_size), patch_size=PATCH_SIZE, rope_scale=tuple(rope_scale(inner_dim)),
                 concat_padding_mask=True, extra_pos_embed_type="learnable" if learnable else None)
 
 
-def diffusers_weights(path: str | Path, keymap: KeyMap, rope_scale: Sequence[float], what: str,
+def diffusers_weights(path: str | Path, keymap: KeyMap, rope_scale: RopeScale, what: str,
                       shapes_only: bool = False) -> tuple[StateDict, dict]:
     """A checkpoint's weights under diffusers names, and the CosmosTransformer3DModel config they describe."""
     state = keymap.to_diffusers(read_original(path, shapes_only), str(path))
@@ -69,7 +71,7 @@ def diffusers_weights(path: str | Path, keymap: KeyMap, rope_scale: Sequence[flo
         raise ValueError(f"{path} is not {what}: it has no {missing}") from None
 
 
-def load_transformer(path: str | Path, keymap: KeyMap, dtype: torch.dtype, rope_scale: Sequence[float],
+def load_transformer(path: str | Path, keymap: KeyMap, dtype: torch.dtype, rope_scale: RopeScale,
                      what: str) -> CosmosTransformer3DModel:
     state, config = diffusers_weights(path, keymap, rope_scale, what)
     return build_with_weights(CosmosTransformer3DModel, config, state, dtype, path, what)

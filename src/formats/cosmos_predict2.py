@@ -23,6 +23,9 @@ PREDICT2 = KeyMap(modules={
            for n, part in enumerate(("self_attn", "cross_attn", "mlp"), start=1) for j in (1, 2)},
     }),
 })
-# Rotary scales of the released text-to-image models (not visible in any weight shape).
-ROPE_SCALE = (1.0, 4.0, 4.0)
+
+
+def rope_scale(inner_dim: int) -> tuple[float, float, float]:
+    """Rotary scales of the released text-to-image models (2B and 14B alike), which no weight shape shows."""
+    return (1.0, 4.0, 4.0)
 

@@ -2,6 +2,7 @@
 CosmosTransformer3DModel read from NVIDIA's original checkpoint through the family's key map, the OLD T5 v1.0 XXL
 from ComfyUI's single file with a T5 tokenizer folder, LoRAs in ComfyUI format (`diffusion_model.<native names>`) and
 full fine-tunes in the original layout. A family supplies its key map, VAE, pipeline and denoiser call."""
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -42,7 +43,7 @@ class CosmosBase(DiffusionModule):
     block_lists = ("transformer_blocks",)
     keep_in_high_precision = (r"^patch_embed", r"^time_embed", r"^learnable_pos_embed", r"^norm_out", r"^proj_out")
     keymap: KeyMap
-    rope_scale: tuple[float, float, float]  # of the released models; no weight shape shows it
+    rope_scale: Callable[[int], tuple[float, float, float]]  # per model width; no weight shape shows it
     what: str  # "a Cosmos-Predict2 transformer", for errors
     full_file: str
     tiny_files: dict[str, str]  # the tiny model's file per path key
@@ -79,12 +80,12 @@ class CosmosBase(DiffusionModule):
         return formats.load_transformer(self.file("transformer_path"), self.keymap, self.compute_dtype,
                                         self.rope_scale, self.what)
 
-    def run_denoiser(self, inputs: torch.Tensor, timestep: torch.Tensor, text: dict[str, torch.Tensor]
-                     ) -> torch.Tensor:
+    def run_denoiser(self, inputs: torch.Tensor, timestep: torch.Tensor, text: dict[str, torch.Tensor],
+                     **family_inputs) -> torch.Tensor:
         """[B, C, F, h, w] latents; the all-zero padding mask the pipelines pass (nothing of a sample is padding)."""
         padding_mask = inputs.new_zeros(1, 1, *inputs.shape[-2:])
         return self.denoiser(hidden_states=inputs, timestep=timestep, encoder_hidden_states=text["prompt_embeds"],
-                             padding_mask=padding_mask, return_dict=False)[0]
+                             padding_mask=padding_mask, return_dict=False, **family_inputs)[0]
 
     def image_seq_len(self, latents: torch.Tensor) -> int:
         frames, height, width = latents.shape[-3:]

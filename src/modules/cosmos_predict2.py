@@ -14,7 +14,7 @@ from diffusers import Cosmos2TextToImagePipeline, CosmosTransformer3DModel, Flow
 
 from difftrain.config.keys import ModelPath
 from difftrain.datamodules.cache import fingerprint_files
-from difftrain.formats.cosmos_predict2 import PREDICT2, ROPE_SCALE
+from difftrain.formats.cosmos_predict2 import PREDICT2, rope_scale
 from difftrain.formats.wan import load_vae
 from difftrain.tiny import cosmos_predict2 as tiny
 
@@ -29,7 +29,7 @@ class CosmosPredict2Module(CosmosBase):
     cache_name = "cosmos_predict2"
     tiny_models = ("cosmos_predict2",)
     keymap = PREDICT2
-    rope_scale = ROPE_SCALE
+    rope_scale = staticmethod(rope_scale)
     what = "a Cosmos-Predict2 transformer"
     full_file = "cosmos_predict2.safetensors"
     tiny_files = tiny.FILES

@@ -38,10 +38,10 @@ def write_text_encoder(out_dir: Path, files: dict[str, str]) -> None:
 
 def build(out_dir: Path) -> None:
     from difftrain.formats.cosmos_common import ORIGINAL_PREFIX
-    from difftrain.formats.cosmos_predict2 import PREDICT2, ROPE_SCALE
+    from difftrain.formats.cosmos_predict2 import PREDICT2, rope_scale
     from difftrain.formats.wan import vae_to_native
 
-    native = PREDICT2.to_native(transformer(16, rope_scale=ROPE_SCALE, extra_pos_embed_type=None).state_dict(), "the tiny Cosmos-Predict2")
+    native = PREDICT2.to_native(transformer(16, rope_scale=rope_scale(0), extra_pos_embed_type=None).state_dict(), "the tiny Cosmos-Predict2")
     torch.save({ORIGINAL_PREFIX + key: tensor for key, tensor in native.items()}, out_dir / FILES["transformer_path"])
     vae = wan.vae21()
     save_native(vae_to_native(vae.state_dict(), vae.config), out_dir / FILES["vae_path"])
