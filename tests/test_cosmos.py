@@ -1,6 +1,7 @@
 """What is special to the Cosmos families (the conformance suite covers the rest): Cosmos-Predict2's original
 files (a pickle read with weights_only only, the OLD T5 v1.0), its fp8 choice (e5m2; e4m3 warned) and LoRA names;
-the EDM objective of Cosmos 1.0 against hand-computed values."""
+Cosmos 1.0's tokenizer file, EDM objective (against hand-computed values), its only sizes and frame counts, and
+its LoRA names."""
 import logging
 import re
 
@@ -9,10 +10,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import T5Config, T5EncoderModel
 
+from difftrain.config.errors import ConfigError
+from difftrain.formats.cosmos import load_vae
 from difftrain.formats.cosmos_common import read_original
 from difftrain.formats.old_t5 import load_old_t5
 from difftrain.formats.single_file import save_native
 from difftrain.modules.noise_schedules import EDM
+from difftrain.tiny import cosmos as tiny_cosmos
 from difftrain.tiny import tiny_model
 from difftrain.training import build_module, run
 from tests.conftest import compose_config
@@ -22,6 +26,10 @@ PREDICT2 = ("model=cosmos_predict2", "model.tiny=true", "model.dtype=float32", "
 # lora-formats.md: the LoRA-targeted native Linears of Cosmos-Predict2's blocks, as ComfyUI names them
 PREDICT2_LORA_KEY = re.compile(r"^diffusion_model\.blocks\.\d+\.((self|cross)_attn\.(q|k|v|output)_proj|mlp\.layer[12]"
                                r"|adaln_modulation_(self_attn|cross_attn|mlp)\.[12])\.lora_[AB]\.weight$")
+COSMOS1 = ("model=cosmos", "model.tiny=true", "model.dtype=float32", "model.max_sequence_length=16", "dataset=videos",
+           "dataset.resolutions=[32]", "dataset.enable_ar_bucket=false", "dataset.frame_buckets=[9]")
+COSMOS1_LORA_KEY = re.compile(r"^diffusion_model\.blocks\.block\d+\.blocks\.\d+\.(block\.(attn\.(to_[qkv]\.0|to_out\.0)"
+                              r"|layer[12])|adaLN_modulation\.[12])\.lora_[AB]\.weight$")
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +98,31 @@ def test_edm_loss_is_the_karras_weighted_denoising_loss_with_cosmos_precondition
     per_sample = ((c_skip * noised + c_out * output - x) ** 2).flatten(1).mean(1)
     ours = weighted_mse(output, edm.target(x, eps, t), edm.loss_weights(t))
     assert float(ours) == pytest.approx(float((weights * per_sample).mean()), rel=1e-4)
+
+
+def test_cosmos1_trains_with_edm_and_exports_comfyui_native_lora_names(tmp_path):
+    result = run(compose_config(tmp_path / "run", *COSMOS1, "trainer.max_steps=1", "adapter.rank=4"))
+    assert isinstance(result.module.noise_schedule, EDM)
+    lora = load_file(result.final_export / "adapter_model.safetensors")
+    assert lora and all(COSMOS1_LORA_KEY.match(key) for key in lora), sorted(lora)[:5]
+    original = read_original(tiny_model("cosmos") / tiny_cosmos.FILES["transformer_path"])
+    assert all(f"{key.removeprefix('diffusion_model.').rsplit('.lora_', 1)[0]}.weight" in original for key in lora)
+
+
+def test_cosmos1_tokenizer_file_loads_as_the_diffusers_vae_it_was_written_from():
+    loaded = load_vae(tiny_model("cosmos") / tiny_cosmos.FILES["vae_path"], torch.float32)
+    written = tiny_cosmos.vae()
+    assert loaded.config.latents_mean == pytest.approx(written.config.latents_mean)
+    video = torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(video).latent_dist.mode(), written.encode(video).latent_dist.mode())
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("dataset.resolutions=[64]", r"64x64 bucket, but CosmosModule trains only at 32x32 \(width x height\)"),
+    ("dataset.frame_buckets=[17]", r"\[17\] frames, but CosmosModule trains videos of \[9\] frames only"),
+])
+def test_cosmos1_datamodule_refuses_sizes_and_frame_counts_the_model_does_not_know(override, message, tmp_path):
+    """The tiny model's allowed set (32x32, 9 frames) stands in for the released one (1280x704, 121 frames)."""
+    with pytest.raises(ConfigError, match=message):
+        run(compose_config(tmp_path / "run", *COSMOS1, override, "trainer.max_steps=1"))
