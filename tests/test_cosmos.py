@@ -126,3 +126,25 @@ def test_cosmos1_datamodule_refuses_sizes_and_frame_counts_the_model_does_not_kn
     """The tiny model's allowed set (32x32, 9 frames) stands in for the released one (1280x704, 121 frames)."""
     with pytest.raises(ConfigError, match=message):
         run(compose_config(tmp_path / "run", *COSMOS1, override, "trainer.max_steps=1"))
+
+
+def test_predict2_trains_on_the_inputs_and_timesteps_the_pipeline_gives_its_transformer(e5m2_lora_run):
+    """Cosmos2TextToImagePipeline's first step at sigma = 80 (its latents x_sigma = 80 z): the transformer gets
+    x_sigma / (1 + sigma) at t = sigma / (1 + sigma). Flow matching at that t, from clean latents 0 and noise z, gives
+    the same input, and our predict the pipeline's transformer output."""
+    module = e5m2_lora_run.module
+    calls = []
+    hook = module.denoiser.register_forward_hook(lambda _, args, kwargs, output: calls.append((kwargs, output[0])),
+                                                 with_kwargs=True)
+    z = torch.randn(1, 16, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        module.inference_pipeline()(prompt="a cat", height=32, width=32, num_inference_steps=2, guidance_scale=1.0,
+                                    latents=z, max_sequence_length=16, output_type="latent")
+        hook.remove()
+        inputs, output = calls[0]
+        t = module._denoiser_timesteps(torch.tensor([80 / 81]))
+        noisy = module.noise_schedule.add_noise(torch.zeros_like(z), z, t)
+        torch.testing.assert_close(inputs["hidden_states"], noisy)
+        torch.testing.assert_close(inputs["timestep"], t)
+        ours = module.predict(noisy, t, {"prompt_embeds": inputs["encoder_hidden_states"]})
+    torch.testing.assert_close(ours, output)
