@@ -7,12 +7,16 @@ import re
 
 import pytest
 import torch
+from accelerate import init_empty_weights
+from diffusers import CosmosTransformer3DModel
+from diffusers.loaders.single_file_utils import convert_cosmos_transformer_checkpoint_to_diffusers
 from safetensors.torch import load_file
 from transformers import T5Config, T5EncoderModel
 
 from difftrain.config.errors import ConfigError
 from difftrain.formats.cosmos import load_vae
 from difftrain.formats.cosmos_common import read_original
+from difftrain.formats.cosmos_predict2 import PREDICT2
 from difftrain.formats.old_t5 import load_old_t5
 from difftrain.formats.single_file import save_native
 from difftrain.modules.noise_schedules import EDM
@@ -21,12 +25,12 @@ from difftrain.tiny import tiny_model
 from difftrain.training import build_module, run
 from tests.conftest import compose_config
 
-PREDICT2 = ("model=cosmos_predict2", "model.tiny=true", "model.dtype=float32", "model.max_sequence_length=16",
+PREDICT2_RUN = ("model=cosmos_predict2", "model.tiny=true", "model.dtype=float32", "model.max_sequence_length=16",
             "dataset.resolutions=[32]")
 # lora-formats.md: the LoRA-targeted native Linears of Cosmos-Predict2's blocks, as ComfyUI names them
 PREDICT2_LORA_KEY = re.compile(r"^diffusion_model\.blocks\.\d+\.((self|cross)_attn\.(q|k|v|output)_proj|mlp\.layer[12]"
                                r"|adaln_modulation_(self_attn|cross_attn|mlp)\.[12])\.lora_[AB]\.weight$")
-COSMOS1 = ("model=cosmos", "model.tiny=true", "model.dtype=float32", "model.max_sequence_length=16", "dataset=videos",
+COSMOS1_RUN = ("model=cosmos", "model.tiny=true", "model.dtype=float32", "model.max_sequence_length=16", "dataset=videos",
            "dataset.resolutions=[32]", "dataset.enable_ar_bucket=false", "dataset.frame_buckets=[9]")
 COSMOS1_LORA_KEY = re.compile(r"^diffusion_model\.blocks\.block\d+\.blocks\.\d+\.(block\.(attn\.(to_[qkv]\.0|to_out\.0)"
                               r"|layer[12])|adaLN_modulation\.[12])\.lora_[AB]\.weight$")
@@ -34,7 +38,7 @@ COSMOS1_LORA_KEY = re.compile(r"^diffusion_model\.blocks\.block\d+\.blocks\.\d+\
 
 @pytest.fixture(scope="module")
 def e5m2_lora_run(tmp_path_factory):
-    return run(compose_config(tmp_path_factory.mktemp("predict2") / "run", *PREDICT2,
+    return run(compose_config(tmp_path_factory.mktemp("predict2") / "run", *PREDICT2_RUN,
                               "model.transformer_dtype=float8_e5m2", "trainer.max_steps=2", "adapter.rank=4"))
 
 
@@ -52,9 +56,18 @@ def test_predict2_trains_on_an_e5m2_base_and_exports_comfyui_native_lora_names(e
 
 def test_predict2_e4m3_base_is_warned_about_in_one_line(make_config, caplog):
     with caplog.at_level(logging.WARNING):
-        build_module(make_config(*PREDICT2, "model.transformer_dtype=float8"))
+        build_module(make_config(*PREDICT2_RUN, "model.transformer_dtype=float8"))
     warnings = [r.getMessage() for r in caplog.records if "float8_e5m2" in r.getMessage()]
     assert len(warnings) == 1 and "\n" not in warnings[0]
+
+
+def test_predict2_map_names_what_diffusers_converter_names_at_real_size():
+    """The 2B model's weights (meta tensors) in the original layout, through diffusers' own Cosmos 2.0 converter."""
+    with init_empty_weights():
+        model = CosmosTransformer3DModel(num_attention_heads=16, num_layers=28, rope_scale=(1.0, 4.0, 4.0),
+                                         extra_pos_embed_type=None)
+    original = {f"net.{key}": tensor for key, tensor in PREDICT2.to_native(model.state_dict(), "2B").items()}
+    assert convert_cosmos_transformer_checkpoint_to_diffusers(original).keys() == model.state_dict().keys()
 
 
 def test_predict2_pickle_is_read_with_weights_only(tmp_path):
@@ -101,7 +114,7 @@ def test_edm_loss_is_the_karras_weighted_denoising_loss_with_cosmos_precondition
 
 
 def test_cosmos1_trains_with_edm_and_exports_comfyui_native_lora_names(tmp_path):
-    result = run(compose_config(tmp_path / "run", *COSMOS1, "trainer.max_steps=1", "adapter.rank=4"))
+    result = run(compose_config(tmp_path / "run", *COSMOS1_RUN, "trainer.max_steps=1", "adapter.rank=4"))
     assert isinstance(result.module.noise_schedule, EDM)
     lora = load_file(result.final_export / "adapter_model.safetensors")
     assert lora and all(COSMOS1_LORA_KEY.match(key) for key in lora), sorted(lora)[:5]
@@ -125,7 +138,7 @@ def test_cosmos1_tokenizer_file_loads_as_the_diffusers_vae_it_was_written_from()
 def test_cosmos1_datamodule_refuses_sizes_and_frame_counts_the_model_does_not_know(override, message, tmp_path):
     """The tiny model's allowed set (32x32, 9 frames) stands in for the released one (1280x704, 121 frames)."""
     with pytest.raises(ConfigError, match=message):
-        run(compose_config(tmp_path / "run", *COSMOS1, override, "trainer.max_steps=1"))
+        run(compose_config(tmp_path / "run", *COSMOS1_RUN, override, "trainer.max_steps=1"))
 
 
 def test_predict2_trains_on_the_inputs_and_timesteps_the_pipeline_gives_its_transformer(e5m2_lora_run):

@@ -101,7 +101,10 @@ class EDM:
                                            sigma_schedule="karras", rho=rho, prediction_type="epsilon")
 
     def sigmas(self, t: torch.Tensor) -> torch.Tensor:
-        return self.scheduler._compute_karras_sigmas(1 - t.double()).float()
+        """Karras et al.'s schedule, its ramp run from sigma_max at t=1 to sigma_min at t=0."""
+        config = self.scheduler.config
+        low, high = config.sigma_min ** (1 / config.rho), config.sigma_max ** (1 / config.rho)
+        return (high + (1 - t.double()) * (low - high)).pow(config.rho).float()
 
     def denoiser_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         return self.scheduler.precondition_noise(self.sigmas(t))
