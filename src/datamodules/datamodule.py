@@ -511,7 +511,7 @@ def check_allowed_size(size: tuple[int, int], module, path: Path) -> None:
 def check_allowed_frames(buckets: list[int], module, directory: dict) -> None:
     """A family that trains on a fixed set of video lengths (`allowed_frames`) refuses other frame buckets."""
     allowed = module.allowed_frames
-    bad = [f for f in buckets if f > 1 and allowed is not None and f not in allowed]
+    bad = [f for f in buckets if f > 1 and f not in allowed] if allowed is not None else []
     if bad:
         raise ConfigError(f"dataset.frame_buckets={directory['frame_buckets']} (for {directory['path']}): {bad} "
                           f"frames, but {type(module).__name__} trains videos of {list(allowed)} frames only. Set "
