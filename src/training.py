@@ -49,6 +49,7 @@ def run(cfg: DictConfig) -> Optional[TrainingRun]:
 
     datamodule = instantiate(cfg.dataset, eval_datasets=cfg.eval_datasets, seed=cfg.seed, _convert_="all")
     module = build_module(cfg, datamodule.eval_names)
+    module.refuse_unsupported_training()
     module.build_tiny_models()  # before the trainer starts other processes (DDP), never inside them
     ema = EMACallback(cfg.ema_decay, cfg.ema_every_n_steps) if cfg.ema_decay is not None else None
     exporter = ExportCallback(str(run_dir), resolved, cfg.save_every_n_steps, cfg.save_every_n_epochs, cfg.save_dtype,

@@ -66,6 +66,12 @@ FAMILIES = {
     "lumina2": Family(("model=lumina2", *TINY_FLOAT32, "dataset.resolutions=[64]"), "adapter_model.safetensors",
                       ("transformer_path", "lumina_2_model.safetensors"), fp8=False),
     "hidream": Family(("model=hidream", *TINY_FLOAT32, "dataset.resolutions=[64]"), "adapter_model.safetensors"),
+    "omnigen2": Family(("model=omnigen2", *TINY_FLOAT32, "dataset.resolutions=[64]"), "adapter_model.safetensors", fp8=False),
+    # quoted caption text feeds the glyph ByT5 branch; no diffusers loader: read by the family's reader
+    "hunyuan_image": Family(("model=hunyuan_image", *TINY_FLOAT32, "dataset.resolutions=[64]",
+                             "dataset.caption_prefix=\"a sign that says 'hi', \""), "adapter_model.safetensors",
+                            ("transformer_path", "hunyuanimage2.1.safetensors")),
+    "ltx_video": Family(("model=ltx_video", *WAN[1:-1], "dataset.frame_buckets=[1,9]"), "adapter_model.safetensors"),
     "cosmos_predict2": Family(("model=cosmos_predict2", *TINY_FLOAT32, "model.max_sequence_length=16",
                                "dataset.resolutions=[32]"), "adapter_model.safetensors",
                               ("transformer_path", "cosmos_predict2.safetensors")),

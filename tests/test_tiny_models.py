@@ -1,8 +1,10 @@
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -65,21 +67,25 @@ def test_flux_folder_loads_and_generates(flux_dir):
     assert np.isfinite(images).all()
 
 
-def test_tiny_model_dir_builds_once_per_version(cache_root):
+def test_tiny_model_dir_builds_once_per_builder_source(cache_root, tmp_path):
     build, calls = counting(flux.build)
     first = tiny.tiny_model_dir("flux", build)
     mtime = first.stat().st_mtime_ns
     second = tiny.tiny_model_dir("flux", build)
-    assert first == second == cache_root / "flux-v1"
+    assert first == second == cache_root / f"flux-{tiny.builders_digest()}"
     assert len(calls) == 1
-    assert tiny.tiny_model_dir("flux", build, version=2) == cache_root / "flux-v2"
-    assert len(calls) == 2
     assert second.stat().st_mtime_ns == mtime
     assert (first / "model_index.json").is_file()
 
+    edited = shutil.copytree(Path(tiny.__file__).parent, tmp_path / "tiny", ignore=shutil.ignore_patterns("__pycache__"))
+    assert tiny.source_digest(edited) == tiny.builders_digest()
+    with open(edited / "flux.py", "a") as builder:
+        builder.write("\n# an edited builder\n")
+    assert tiny.source_digest(edited) != tiny.builders_digest()  # so it gets a fresh cache folder
+
 
 def test_crashed_builds_leave_nothing_behind(cache_root):
-    target = cache_root / "flux-v1"
+    target = cache_root / f"flux-{tiny.builders_digest()}"
     stale = cache_root / f"{target.name}.tmp-999999"  # from a build killed before its rename
     stale.mkdir()
     (stale / "model_index.json").write_text("{")
@@ -125,7 +131,9 @@ def test_script_finds_every_family_module_builders(tmp_path):
     result = run_script("--out", str(tmp_path), "not-a-family")
     assert result.returncode != 0
     known = result.stderr.strip().splitlines()[-1].split("known: ")[1].split(", ")
-    assert set(known) == {"flux", "sdxl", "chroma", "qwen_image", "sd3", "lumina2", "hidream", "cosmos_predict2", "cosmos", *wan.TINY_MODELS}
+    assert set(known) == {"flux", "sdxl", "chroma", "qwen_image", "sd3", "lumina2", "hidream", "omnigen2",
+                          "hunyuan_image", "ltx_video", "cosmos_predict2",
+                          "cosmos", *wan.TINY_MODELS}
 
 
 def test_script_builds_into_out(tmp_path, flux_dir):

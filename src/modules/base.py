@@ -73,6 +73,7 @@ class DiffusionModule(LightningModule, ABC):
     text_depends_on_images: bool = False                # encode_captions sees the controls (cache key covers them)
     fold_lora_scale: bool = True                        # False: export_lora gets unscaled weights, writes alpha
     tiny_models: tuple[str, ...] = ()                   # what model.tiny=true reads: names in src/tiny's TINY_MODELS
+    lora_only: bool = False                             # True: no full fine-tune (adapter=none is refused)
 
     # The constructor declares the config keys every family shares: their types, choices and defaults are what
     # validation checks (src/config/family.py reads them from this signature without importing this module).
@@ -109,6 +110,12 @@ class DiffusionModule(LightningModule, ABC):
         self.text_encoders = torch.nn.ModuleDict()  # the ones that train (load_text_encoders)
         self.loop_encoders: dict[str, torch.nn.Module] = {}  # frozen, unregistered: see load_loop_encoders
         self.strict_loading = False  # checkpoints hold trainable weights only; the base comes from disk
+
+    def refuse_unsupported_training(self) -> None:
+        """Runs before anything is cached or loaded."""
+        if self.lora_only and not self.is_lora:
+            raise ConfigError(f"model={self.cache_name} trains LoRAs only (no full fine-tune, as the reference "
+                              f"trainer): use adapter=lora.")
 
     def build_tiny_models(self) -> None:
         """With model.tiny=true, build (once, into the tiny cache) every tiny model the family reads. Runs before
@@ -512,12 +519,13 @@ def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: Option
                  loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The mean over samples of each sample's MSE, times its weight when the schedule gives weights. With a
     `loss_mask` [B, h, w] (dataset.mask_path, on the latent grid; every channel and frame alike), each sample's
-    MSE is its mask-weighted mean: an all-black mask makes it 0, with no gradient."""
+    MSE is its mask-weighted mean: an all-black mask makes it 0, with no gradient. A mask with more trailing dims
+    ([B, F, h, w]: LTX-Video's first-frame conditioning) weights those too."""
     errors = F.mse_loss(prediction.float(), target.float(), reduction="none")
     if loss_mask is None:
         per_sample = errors.flatten(1).mean(1)
     else:
-        mask = loss_mask.to(errors).view(len(errors), *[1] * (errors.ndim - 3), *loss_mask.shape[-2:])
+        mask = loss_mask.to(errors).view(len(errors), *[1] * (errors.ndim - loss_mask.ndim), *loss_mask.shape[1:])
         mask = mask.expand_as(errors).flatten(1)
         per_sample = (errors.flatten(1) * mask).sum(1) / mask.sum(1).clamp(min=1e-8)
     if weights is not None:

@@ -53,6 +53,7 @@ class CosmosModule(CosmosBase):
     tiny_files = tiny.FILES
     framerate = 24
     frames_multiple = 8
+    lora_only = True  # as the reference trainer
 
     def __init__(self,
                  transformer_path: Annotated[Optional[str], ModelPath(

@@ -20,7 +20,6 @@ from diffusers import HiDreamImagePipeline, HiDreamImageTransformer2DModel
 from transformers import AutoTokenizer, BitsAndBytesConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from difftrain.config.keys import ModelPath
-from difftrain.config.validate import ConfigError
 from difftrain.datamodules.cache import fingerprint_files
 from difftrain.formats.qwen_image import lora_to_comfyui
 from difftrain.tiny import hidream as tiny_hidream
@@ -75,6 +74,7 @@ class HiDreamEncoders(FluxEncoders):
 class HiDreamModule(DiffusionModule):
     cache_name = "hidream"
     tiny_models = ("hidream",)
+    lora_only = True
     lora_target_blocks = ("HiDreamImageTransformerBlock", "HiDreamImageSingleTransformerBlock")
     block_lists = ("double_stream_blocks", "single_stream_blocks")
     keep_in_high_precision = (r"^t_embedder", r"^p_embedder", r"^x_embedder", r"^final_layer")
@@ -92,11 +92,6 @@ class HiDreamModule(DiffusionModule):
         self.llama3_path = llama3_path
         self.llama3_4bit = llama3_4bit
         self.max_llama3_sequence_length = max_llama3_sequence_length
-
-    def setup(self, stage: str) -> None:
-        if not self.is_lora:  # checked at training only: the conformance checks load the base with adapter=none
-            raise ConfigError("model=hidream trains LoRAs only (a full fine-tune of its 17B transformer is not "
-                              "supported): use adapter=lora.")
 
     # --- files
     @property

@@ -6,23 +6,27 @@ system prompt is the caption prefix of the reference trainer's Lumina example), 
 with their mask. Lumina's time runs from noise (0) to image (1) and it predicts image minus noise, so `predict`
 hands it 1 - t and negates its output into the shared flow-matching target.
 
-Files: `diffusers_path` is a Lumina-Image-2.0 Diffusers folder (configs, tokenizer, scheduler and, unless single
-files replace them, the weights); ComfyUI's single files replace its parts: `transformer_path`
-(`lumina_2_model_bf16.safetensors`), `llm_path` (`gemma_2_2b_fp16.safetensors`), `vae_path` (`flux_vae.safetensors`).
+Files: ComfyUI's three single files, `transformer_path` (`lumina_2_model_bf16.safetensors`), `llm_path`
+(`gemma_2_2b_fp16.safetensors`, with its tokenizer) and `vae_path` (`flux_vae.safetensors`), suffice: each part's
+config is read off its file (formats.lumina2). Or `diffusers_path`, a Lumina-Image-2.0 Diffusers folder (configs,
+tokenizer, scheduler and the weights of the parts no single file replaces).
 LoRAs export in ComfyUI format (`diffusion_model.<native names>`, q/k/v fused), full fine-tunes as the native
 single file."""
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NamedTuple, Optional
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, Gemma2Config, Gemma2Model
+from transformers import AutoTokenizer, Gemma2Config, Gemma2Model, PreTrainedTokenizerBase
 
+from difftrain.config.errors import ConfigError
 from difftrain.config.keys import ModelPath
 from difftrain.datamodules.cache import fingerprint_files
 from difftrain.formats import lumina2 as formats
+from difftrain.formats.single_file import read_shapes
 from difftrain.tiny import lumina2 as tiny_lumina2
 from difftrain.tiny import tiny_model_dir
 from difftrain.utils.atomic import save_safetensors
@@ -33,6 +37,23 @@ from .qwen_image import unpadded
 
 LORA_FILE = "adapter_model.safetensors"
 FULL_FILE = "lumina_2_model.safetensors"
+SINGLE_FILE_KEYS = ("transformer_path", "llm_path", "vae_path")
+
+
+class Part(NamedTuple):
+    """How one part loads: its class (from a Diffusers subfolder), how its subfolder's config is read, how its single
+    file's config is read off the file's shapes, and how the single file loads with that config."""
+    model_cls: type
+    folder_config: Callable[[Path], Any]
+    file_config: Callable[[dict], Any]
+    load_file: Callable[..., torch.nn.Module]
+
+
+PARTS = {"transformer": Part(Lumina2Transformer2DModel, Lumina2Transformer2DModel.load_config,
+                             formats.transformer_config, formats.load_transformer),
+         "text_encoder": Part(Gemma2Model, Gemma2Config.from_pretrained, formats.gemma_config,
+                              formats.load_text_encoder),
+         "vae": Part(AutoencoderKL, AutoencoderKL.load_config, formats.vae_config, formats.load_vae)}
 
 
 class Lumina2Encoders(FluxEncoders):
@@ -60,7 +81,8 @@ class Lumina2Module(DiffusionModule):
     def __init__(self,
                  diffusers_path: Annotated[Optional[str], ModelPath(
                      "the Lumina-Image-2.0 Diffusers folder (configs, tokenizer, scheduler; weights unless single "
-                     "files replace them)", example="/models/Lumina-Image-2.0", required=True)] = None,
+                     "files replace them); not needed when the three single files are set",
+                     example="/models/Lumina-Image-2.0")] = None,
                  transformer_path: Annotated[Optional[str], ModelPath(
                      "ComfyUI's single-file transformer", example="/models/lumina_2_model_bf16.safetensors")] = None,
                  llm_path: Annotated[Optional[str], ModelPath(
@@ -78,47 +100,66 @@ class Lumina2Module(DiffusionModule):
         super().__init__(**common)
         self.diffusers_path = diffusers_path
         self.part_files = {"transformer": transformer_path, "text_encoder": llm_path, "vae": vae_path}
+        self.check_sources()
         self.system_prompt = system_prompt
         self.max_sequence_length = max_sequence_length
 
     # --- files
+    def check_sources(self) -> None:
+        """A Diffusers folder, or the three single files (a tiny model is a folder)."""
+        missing = [f"model.{key}" for key, path in zip(SINGLE_FILE_KEYS, self.part_files.values()) if not path]
+        if missing and not (self.tiny or self.diffusers_path):
+            raise ConfigError(f"model.diffusers_path is not set, nor {' and '.join(missing)}: set the three ComfyUI "
+                              f"files (model.transformer_path, model.llm_path, model.vae_path) or a Lumina-Image-2.0 "
+                              f"Diffusers folder (model.diffusers_path=/models/Lumina-Image-2.0), or use "
+                              f"model.tiny=true for a tiny test model.")
+
     @property
-    def model_dir(self) -> Path:
-        return tiny_model_dir("lumina2", tiny_lumina2.build) if self.tiny else Path(self.diffusers_path)
+    def model_dir(self) -> Optional[Path]:
+        """The Diffusers folder (the tiny one in tests), or None: the single files alone."""
+        if self.tiny:
+            return tiny_model_dir("lumina2", tiny_lumina2.build)
+        return Path(self.diffusers_path) if self.diffusers_path else None
 
     def weights_source(self, part: str) -> Path:
         """The part's single file, or its subfolder of the Diffusers folder."""
         return Path(self.part_files[part]) if self.part_files[part] else self.model_dir / part
 
-    def transformer_config(self) -> dict:
-        return Lumina2Transformer2DModel.load_config(self.model_dir, subfolder="transformer")
+    def part_config(self, part: str) -> Any:
+        """A part's config: from its subfolder of the Diffusers folder, else read off its single file's shapes."""
+        if self.model_dir is None:
+            return PARTS[part].file_config(read_shapes(self.part_files[part]))
+        return PARTS[part].folder_config(self.model_dir / part)
 
-    def load_vae(self) -> AutoencoderKL:
-        if self.part_files["vae"]:
-            return formats.load_vae(self.part_files["vae"], self.model_dir, self.compute_dtype)
-        return AutoencoderKL.from_pretrained(self.model_dir, subfolder="vae", dtype=self.compute_dtype,
-                                             local_files_only=True)
+    def load_part(self, part: str) -> torch.nn.Module:
+        """A part from its single file when set, else from its subfolder of the Diffusers folder."""
+        if self.part_files[part]:
+            return PARTS[part].load_file(self.part_files[part], self.part_config(part), self.compute_dtype)
+        return PARTS[part].model_cls.from_pretrained(self.model_dir, subfolder=part, dtype=self.compute_dtype,
+                                                     local_files_only=True)
 
-    def load_text_encoder(self) -> Gemma2Model:
-        if self.part_files["text_encoder"]:
-            config = Gemma2Config.from_pretrained(self.model_dir / "text_encoder")
-            return formats.load_text_encoder(self.part_files["text_encoder"], config, self.compute_dtype)
-        return Gemma2Model.from_pretrained(self.model_dir, subfolder="text_encoder", dtype=self.compute_dtype,
-                                           local_files_only=True)
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.model_dir is None:
+            return formats.load_tokenizer(self.part_files["text_encoder"])
+        return AutoTokenizer.from_pretrained(self.model_dir, subfolder="tokenizer", local_files_only=True)
+
+    def load_scheduler(self) -> FlowMatchEulerDiscreteScheduler:
+        if self.model_dir is None:
+            return FlowMatchEulerDiscreteScheduler()  # Lumina-Image-2.0's scheduler config: the defaults
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(self.model_dir, subfolder="scheduler")
 
     def pipeline(self, transformer: Optional[Lumina2Transformer2DModel]) -> Lumina2Pipeline:
-        root = self.model_dir
-        return Lumina2Pipeline(
-            transformer=transformer, vae=self.load_vae(), text_encoder=self.load_text_encoder().eval(),
-            tokenizer=AutoTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True),
-            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler"))
+        return Lumina2Pipeline(transformer=transformer, vae=self.load_part("vae"),
+                               text_encoder=self.load_part("text_encoder").eval(), tokenizer=self.load_tokenizer(),
+                               scheduler=self.load_scheduler())
 
     def base_model(self) -> str:
         return str(self.part_files["transformer"] or self.model_dir)
 
     # --- caching
     def cache_fingerprints(self) -> tuple[str, str]:
-        text = fingerprint_files(self.weights_source("text_encoder"), self.model_dir / "tokenizer",
+        tokenizer = [self.model_dir / "tokenizer"] if self.model_dir else []  # else in the text encoder's file
+        text = fingerprint_files(self.weights_source("text_encoder"), *tokenizer,
                                  extra=f"lumina2:{self.max_sequence_length}:{self.system_prompt}")
         return fingerprint_files(self.weights_source("vae"), extra="flux"), text
 
@@ -133,14 +174,10 @@ class Lumina2Module(DiffusionModule):
 
     # --- training
     def load_denoiser(self) -> Lumina2Transformer2DModel:
-        if self.part_files["transformer"]:
-            return formats.load_transformer(self.part_files["transformer"], self.transformer_config(),
-                                            self.compute_dtype)
-        return Lumina2Transformer2DModel.from_pretrained(self.model_dir, subfolder="transformer",
-                                                         dtype=self.compute_dtype, local_files_only=True)
+        return self.load_part("transformer")
 
     def denoiser_skeleton(self) -> Lumina2Transformer2DModel:
-        return skeleton(Lumina2Transformer2DModel, self.transformer_config())
+        return skeleton(Lumina2Transformer2DModel, self.part_config("transformer"))
 
     def predict(self, noisy_latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
         image_minus_noise = self.denoiser(hidden_states=noisy_latents, timestep=1 - t,

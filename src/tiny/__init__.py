@@ -2,10 +2,12 @@
 
 `tiny_model_dir("flux", tiny_flux.build)` returns a folder that the real loading code (from_pretrained,
 single-file loaders) reads unchanged. Builders are deterministic, so a cached folder equals a fresh build of the
-same version. Each src/tiny/<family>.py lists its builders by name in `TINY_MODELS` (`builders()` collects them:
+same source: the cache folder is named by a digest of this package's code, so an edited builder never reuses a
+stale folder. Each src/tiny/<family>.py lists its builders by name in `TINY_MODELS` (`builders()` collects them:
 scripts/make_tiny_models.py, and `tiny_model(name)` for the families' `tiny_models`); importing this package is cheap.
 """
 import fcntl
+import hashlib
 import importlib
 import os
 import pkgutil
@@ -13,6 +15,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from functools import cache
 from pathlib import Path
 
 CACHE_ENV = "DIFFTRAIN_TINY_DIR"
@@ -39,10 +42,22 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_ROOT).expanduser()
 
 
-def tiny_model_dir(name: str, build: Callable[[Path], None], version: int = 1) -> Path:
-    """The cached tiny model `name`, written by `build(folder)` on first use. Bump `version` whenever the builder's
-    output changes, so a stale cache is not reused."""
-    return build_once(build, cache_root() / f"{name}-v{version}")
+def tiny_model_dir(name: str, build: Callable[[Path], None]) -> Path:
+    """The cached tiny model `name`, written by `build(folder)` on first use."""
+    return build_once(build, cache_root() / f"{name}-{builders_digest()}")
+
+
+@cache
+def builders_digest() -> str:
+    return source_digest(Path(__file__).parent)
+
+
+def source_digest(package: Path) -> str:
+    """A short digest of the Python sources of `package`: it changes whenever any builder or shared piece does."""
+    digest = hashlib.sha256()
+    for path in sorted(package.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def builders() -> dict[str, Callable[[Path], None]]:
