@@ -23,12 +23,14 @@ from difftrain.datamodules.media import ProbeIndex
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="wan22_low", help="the family whose framerate the clips are resampled to")
     p.add_argument("--repeat", type=int, default=16, help="passes over the example clips per run (4 clips each)")
     p.add_argument("--resolution", type=int, default=256, help="bucket side the clips are resized/cropped to")
     p.add_argument("--clip-mode", default="multiple_overlapping", help="dataset.video_clip_mode")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="decoding worker processes to compare")
     p.add_argument("--trials", type=int, default=3, help="runs per worker count; the order alternates")
+    p.add_argument("--model", default="wan22_low", help="the family whose framerate and frame rule plan the clips")
+    p.add_argument("overrides", nargs="*", help="more config overrides, e.g. for the tiny Cosmos 1.0 (its one "
+                   "size and length): dataset.enable_ar_bucket=false dataset.frame_buckets=[9] with --resolution 32")
     add_threads_option(p)
     return p.parse_args()
 
@@ -36,7 +38,8 @@ def parse_args() -> argparse.Namespace:
 def planned_clips(args: argparse.Namespace, work_dir: Path) -> list[Sample]:
     """The clips the real datamodule plans for the example videos (no encoder is loaded)."""
     cfg = compose_config(work_dir / "run", f"model={args.model}", "model.tiny=true", "dataset=videos",
-                         f"dataset.resolutions=[{args.resolution}]", f"dataset.video_clip_mode={args.clip_mode}")
+                         f"dataset.resolutions=[{args.resolution}]", f"dataset.video_clip_mode={args.clip_mode}",
+                         *args.overrides)
     datamodule = instantiate(cfg.dataset, seed=cfg.seed, _convert_="all")
     module = instantiate(cfg.model, adapter=cfg.adapter, optimizer=cfg.optimizer, scheduler=cfg.scheduler,
                          _recursive_=False)
