@@ -132,11 +132,12 @@ def test_cosmos1_tokenizer_file_loads_as_the_diffusers_vae_it_was_written_from()
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("dataset.resolutions=[64]", r"64x64 bucket, but CosmosModule trains only at 32x32 \(width x height\)"),
-    ("dataset.frame_buckets=[17]", r"\[17\] frames, but CosmosModule trains videos of \[9\] frames only"),
+    ("dataset.resolutions=[48]", r"48x48 bucket, but CosmosModule trains only at 32x32, 64x64, 80x48 \(width x height\)"),
+    ("dataset.frame_buckets=[25]", r"\[25\] frames, but CosmosModule trains videos of \[9, 17, 33\] frames only"),
 ])
 def test_cosmos1_datamodule_refuses_sizes_and_frame_counts_the_model_does_not_know(override, message, tmp_path):
-    """The tiny model's allowed set (32x32, 9 frames) stands in for the released one (1280x704, 121 frames)."""
+    """The tiny model's allowed set (src/modules/cosmos.py TINY_SIZES, TINY_FRAMES) stands in for the released one
+    (1280x704, 121 frames)."""
     with pytest.raises(ConfigError, match=message):
         run(compose_config(tmp_path / "run", *COSMOS1_RUN, override, "trainer.max_steps=1"))
 

@@ -1,7 +1,7 @@
 """Cosmos 1.0 text2world (7B, 14B): diffusers' CosmosTransformer3DModel trained with EDM (noise_schedules.EDM: the
 preconditioning and Karras sigmas of CosmosTextToWorldPipeline's EDMEulerScheduler) on CV8x8x8 latents normalised
 as the pipeline does. The model knows one size: 1280x704 images and 121-frame videos (`allowed_sizes`,
-`allowed_frames`; the tiny model: 32x32 and 9 frames); the datamodule refuses others.
+`allowed_frames`; the tiny model: TINY_SIZES and TINY_FRAMES); the datamodule refuses others.
 
 Files (ComfyUI's): `transformer_path` (cosmos-1.0-diffusion-7b-text2world.pt, read with weights_only=True, or a
 safetensors conversion), `vae_path` (cosmos_cv8x8x8_1.0.safetensors), `text_encoder_path` (oldt5_xxl_fp16.safetensors,
@@ -23,8 +23,9 @@ from .wan import WanEncoders, WanModule
 
 RELEASED_SIZES = ((1280, 704),)
 RELEASED_FRAMES = (121,)
-TINY_SIZES = ((32, 32),)
-TINY_FRAMES = (9,)
+# the tiny model's stand-ins: the tests' 32x32 / 9 frames and the bundled videos' buckets (dataset=videos)
+TINY_SIZES = ((32, 32), (64, 64), (80, 48))
+TINY_FRAMES = (9, 17, 33)
 
 
 class CosmosEncoders(WanEncoders):
