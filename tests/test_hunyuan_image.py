@@ -41,7 +41,8 @@ CAPTIONS = ["a red square", 'a door with a sign that says "open", “出口” a
 # diffusers' defaults but the ByT5 width) and VAE (Tencent's vae config.json); ByT5's shapes (byt5_small_glyphxl).
 REAL_TRANSFORMER = dict(text_embed_2_dim=1472)
 REAL_VAE = dict(in_channels=3, out_channels=3, latent_channels=64, block_out_channels=[128, 256, 512, 512, 1024, 1024],
-                layers_per_block=2, spatial_compression_ratio=32, **formats.VAE_CONSTANTS)
+                layers_per_block=2, spatial_compression_ratio=32, sample_size=384, scaling_factor=0.75289,
+                downsample_match_channel=True, upsample_match_channel=True)
 # Qwen2.5-VL-7B-Instruct's shapes (its config.json; the rest is formats' constants).
 REAL_QWEN_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                       num_attention_heads=28, num_key_value_heads=4)
