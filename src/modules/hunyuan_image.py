@@ -44,7 +44,7 @@ from difftrain.tiny import tiny_model_dir
 from difftrain.utils.atomic import save_safetensors
 
 from .base import pad_sequences, skeleton
-from .parts import Part, SingleFileModule
+from .parts import Part, SingleFileModule, load_tokenizer, tokenizer_folders
 
 LORA_FILE = "adapter_model.safetensors"
 FULL_FILE = "hunyuanimage2.1.safetensors"
@@ -158,19 +158,13 @@ class HunyuanImageModule(SingleFileModule):
         if self.model_dir is not None:
             return tuple(AutoTokenizer.from_pretrained(self.model_dir, subfolder=name, local_files_only=True)
                          for name in ("tokenizer", "tokenizer_2"))
-        try:
-            qwen = AutoTokenizer.from_pretrained(self.tokenizer_path)
-        except OSError as error:
-            raise ConfigError(f"model.tokenizer_path={self.tokenizer_path}: no Qwen2.5-VL tokenizer could be loaded "
-                              f"({type(error).__name__}; offline, a repo id cannot be downloaded): set "
-                              f"model.tokenizer_path to a folder holding it.") from None
-        return qwen, ByT5Tokenizer()
+        return load_tokenizer(self.tokenizer_path, "Qwen2.5-VL"), ByT5Tokenizer()
 
     def tokenizer_folders(self) -> list[Path]:
         """The folders the tokenizers are read from (none for a repo id: its name identifies it)."""
         if self.model_dir is not None:
             return [self.model_dir / "tokenizer", self.model_dir / "tokenizer_2"]
-        return [Path(self.tokenizer_path)] if Path(self.tokenizer_path).is_dir() else []
+        return tokenizer_folders(self.tokenizer_path)
 
     def load_scheduler(self) -> FlowMatchEulerDiscreteScheduler:
         if self.model_dir is None:

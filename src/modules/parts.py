@@ -1,11 +1,14 @@
 """How a family whose parts come as single files (ComfyUI's) or a Diffusers folder loads each part: `PARTS`, a
-table of `Part`s, and `SingleFileModule`, the methods that read it."""
+table of `Part`s, and `SingleFileModule`, the methods that read it; and `tokenizer_path`, the tokenizer no weights
+file holds."""
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from difftrain.config.errors import ConfigError
 from difftrain.formats.single_file import read_shapes
 
 from .base import DiffusionModule
@@ -43,3 +46,18 @@ class SingleFileModule(DiffusionModule):
     def weights_source(self, part: str) -> Path:
         """The part's single file, or its subfolder of the Diffusers folder."""
         return Path(self.part_files[part]) if self.part_files[part] else self.model_dir / part
+
+
+def load_tokenizer(tokenizer_path: str, what: str) -> PreTrainedTokenizerBase:
+    """`model.tokenizer_path`'s tokenizer: a folder, or a Hugging Face repo id transformers downloads when online."""
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_path)
+    except OSError as error:
+        raise ConfigError(f"model.tokenizer_path={tokenizer_path}: no {what} tokenizer could be loaded "
+                          f"({type(error).__name__}; offline, a repo id cannot be downloaded): set "
+                          f"model.tokenizer_path to a folder holding it.") from None
+
+
+def tokenizer_folders(tokenizer_path: str) -> list[Path]:
+    """What a cache fingerprints of `tokenizer_path`: the folder, none for a repo id (its name identifies it)."""
+    return [Path(tokenizer_path)] if Path(tokenizer_path).is_dir() else []
