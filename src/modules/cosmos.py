@@ -5,8 +5,8 @@ as the pipeline does. The model knows one size: 1280x704 images and 121-frame vi
 
 Files (ComfyUI's): `transformer_path` (cosmos-1.0-diffusion-7b-text2world.pt, read with weights_only=True, or a
 safetensors conversion), `vae_path` (cosmos_cv8x8x8_1.0.safetensors), `text_encoder_path` (oldt5_xxl_fp16.safetensors,
-the OLD T5 v1.0) and `tokenizer_path` (a T5 tokenizer folder). LoRAs export in ComfyUI format
-(`diffusion_model.blocks.blockN.blocks.0.block.attn.to_q.0.lora_A.weight`)."""
+the OLD T5 v1.0) and `tokenizer_path` (a T5 tokenizer: by default google-t5/t5-11b's, downloaded when online;
+offline a folder). LoRAs export in ComfyUI format (`diffusion_model.blocks.blockN.blocks.0.block.attn.to_q.0.lora_A.weight`)."""
 from typing import Annotated, Optional
 
 import torch
@@ -65,8 +65,10 @@ class CosmosModule(CosmosBase):
                      required=True)] = None,
                  text_encoder_path: Annotated[Optional[str], ModelPath(
                      "ComfyUI's OLD T5 v1.0 XXL", example="/models/oldt5_xxl_fp16.safetensors", required=True)] = None,
-                 tokenizer_path: Annotated[Optional[str], ModelPath(
-                     "a T5 tokenizer folder (google-t5/t5-11b's)", example="/models/t5-11b", required=True)] = None,
+                 # the reference's T5 tokenizer (t5-11b's), downloaded when online
+                 tokenizer_path: Annotated[str, ModelPath(
+                     "a T5 tokenizer (a folder, or a Hugging Face repo id)", example="/models/t5-11b",
+                     repo_id=True)] = "google-t5/t5-11b",
                  max_sequence_length: int = 512, **common):
         super().__init__(**common)
         self.paths = {"transformer_path": transformer_path, "vae_path": vae_path, "t5": text_encoder_path,

@@ -1,6 +1,6 @@
 """What the Cosmos families (Cosmos 1.0 text2world, Cosmos-Predict2 text2image) share: diffusers'
 CosmosTransformer3DModel read from NVIDIA's original checkpoint through the family's key map, the OLD T5 v1.0 XXL
-from ComfyUI's single file with a T5 tokenizer folder, LoRAs in ComfyUI format (`diffusion_model.<native names>`) and
+from ComfyUI's single file with a T5 tokenizer (folder or repo id), LoRAs in ComfyUI format (`diffusion_model.<native names>`) and
 full fine-tunes in the original layout. A family supplies its key map, VAE, pipeline and denoiser call."""
 from collections.abc import Callable
 from pathlib import Path
@@ -9,7 +9,6 @@ from typing import Optional
 import torch
 from diffusers import ConfigMixin, CosmosTransformer3DModel, ModelMixin
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
 
 from difftrain.datamodules.cache import fingerprint_files
 from difftrain.formats import cosmos_common as formats
@@ -19,6 +18,7 @@ from difftrain.tiny import tiny_model
 from difftrain.utils.atomic import save_safetensors
 
 from .base import DiffusionModule, skeleton
+from .parts import load_tokenizer, tokenizer_folders
 
 LORA_FILE = "adapter_model.safetensors"
 
@@ -62,12 +62,18 @@ class CosmosBase(DiffusionModule):
 
     # --- text encoder
     def text_fingerprint(self) -> str:
-        return fingerprint_files(self.file("t5"), self.file("tokenizer_path"),
-                                 extra=f"old_t5:{self.max_sequence_length}")
+        return fingerprint_files(self.file("t5"), *tokenizer_folders(self.tokenizer_source()),
+                                 extra=f"old_t5:{self.max_sequence_length}:{self.tokenizer_source()}")
+
+    def tokenizer_source(self) -> str:
+        """`tokenizer_path` (a folder or a repo id); a tiny model's own, which fits its vocabulary."""
+        if self.tiny:
+            return str(tiny_model(self.tiny_models[0]) / self.tiny_files["tokenizer_path"])
+        return self.paths["tokenizer_path"]
 
     def text_parts(self) -> dict:
         return dict(text_encoder=load_old_t5(self.file("t5"), self.compute_dtype),
-                    tokenizer=AutoTokenizer.from_pretrained(self.file("tokenizer_path"), local_files_only=True),
+                    tokenizer=load_tokenizer(self.tokenizer_source(), "T5"),
                     safety_checker=PassThroughSafetyChecker())
 
     # --- denoiser

@@ -4,7 +4,8 @@ x_sigma / (1 + sigma), timestep t = sigma / (1 + sigma), denoised = (1 - t) x_si
 the denoiser sees (1 - t) x + t eps and t, and predicts eps - x.
 
 Files: `transformer_path` (the original model.pt, or a safetensors conversion), `vae_path` (ComfyUI's Wan 2.1 VAE),
-`t5_path` (ComfyUI's oldt5_xxl_fp16.safetensors: the OLD T5 v1.0) and `tokenizer_path` (a T5 tokenizer folder).
+`t5_path` (ComfyUI's oldt5_xxl_fp16.safetensors: the OLD T5 v1.0) and `tokenizer_path` (a T5 tokenizer: by default
+google-t5/t5-11b's, downloaded when online; offline a folder).
 fp8 storage: float8_e5m2 (e4m3 trains badly on this model)."""
 import logging
 from typing import Annotated, Optional
@@ -42,8 +43,10 @@ class CosmosPredict2Module(CosmosBase):
                      "ComfyUI's Wan 2.1 VAE", example="/models/wan_2.1_vae.safetensors", required=True)] = None,
                  t5_path: Annotated[Optional[str], ModelPath(
                      "ComfyUI's OLD T5 v1.0 XXL", example="/models/oldt5_xxl_fp16.safetensors", required=True)] = None,
-                 tokenizer_path: Annotated[Optional[str], ModelPath(
-                     "a T5 tokenizer folder (google-t5/t5-11b's)", example="/models/t5-11b", required=True)] = None,
+                 # the reference's T5 tokenizer (t5-11b's), downloaded when online
+                 tokenizer_path: Annotated[str, ModelPath(
+                     "a T5 tokenizer (a folder, or a Hugging Face repo id)", example="/models/t5-11b",
+                     repo_id=True)] = "google-t5/t5-11b",
                  max_sequence_length: int = 512, **common):
         if common.get("transformer_dtype") in E4M3:
             log.warning("model.transformer_dtype=%s: Cosmos-Predict2 trains badly on e4m3 fp8; use float8_e5m2.",
