@@ -72,6 +72,13 @@ FAMILIES = {
                              "dataset.caption_prefix=\"a sign that says 'hi', \""), "adapter_model.safetensors",
                             ("transformer_path", "hunyuanimage2.1.safetensors")),
     "ltx_video": Family(("model=ltx_video", *WAN[1:-1], "dataset.frame_buckets=[1,9]"), "adapter_model.safetensors"),
+    "hunyuan_video": Family(("model=hunyuan_video", *WAN[1:]), "adapter_model.safetensors"),  # LoRA only
+    "cosmos_predict2": Family(("model=cosmos_predict2", *TINY_FLOAT32, "model.max_sequence_length=16",
+                               "dataset.resolutions=[32]"), "adapter_model.safetensors",
+                              ("transformer_path", "cosmos_predict2.safetensors")),
+    "cosmos": Family(("model=cosmos", *TINY_FLOAT32, "model.max_sequence_length=16", "dataset=videos",
+                      "dataset.resolutions=[32]", "dataset.enable_ar_bucket=false", "dataset.frame_buckets=[9]"),
+                     "adapter_model.safetensors", fp8=False),
 }
 FP8_STORED_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)  # layerwise casting's
 LORA = ("adapter.rank=4", "adapter.alpha=8", "optimizer.lr=1e-2", "scheduler=cosine", "scheduler.warmup_steps=1",

@@ -234,7 +234,7 @@ def test_activation_checkpointing_of_own_model_code_gives_the_same_gradients(toy
         torch.testing.assert_close(theirs, ours, msg=name)
 
 
-@pytest.mark.parametrize("family", ["hidream", "omnigen2", "ltx_video"])
+@pytest.mark.parametrize("family", ["hidream", "omnigen2", "ltx_video", "hunyuan_video", "cosmos"])
 def test_lora_only_families_refuse_a_full_fine_tune_before_caching(family, make_config, tmp_path):
     with pytest.raises(ConfigError, match=f"model={family} trains LoRAs only") as error:
         run(make_config(f"model={family}", "model.tiny=true", "adapter=none"))

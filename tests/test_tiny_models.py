@@ -132,7 +132,8 @@ def test_script_finds_every_family_module_builders(tmp_path):
     assert result.returncode != 0
     known = result.stderr.strip().splitlines()[-1].split("known: ")[1].split(", ")
     assert set(known) == {"flux", "sdxl", "chroma", "qwen_image", "sd3", "lumina2", "hidream", "omnigen2",
-                          "hunyuan_image", "ltx_video", *wan.TINY_MODELS}
+                          "hunyuan_image", "ltx_video", "hunyuan_video", "cosmos_predict2", "cosmos",
+                          *wan.TINY_MODELS}
 
 
 def test_script_builds_into_out(tmp_path, flux_dir):

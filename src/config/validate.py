@@ -265,7 +265,8 @@ def _check_model_key(key: Key, model: DictConfig) -> None:
         _check_choice(value, allowed, name, words.what, words.listed)
     path = marker(key.annotation, ModelPath)
     if path is not None and value is not None:
-        _check_path(value, name, path.what)
+        if not (path.repo_id and _is_repo_id(value)):
+            _check_path(value, name, path.what)
     elif path is not None and path.required and not model.tiny:
         example = f" ({name}={path.example})" if path.example else ""
         raise ConfigError(f"{name} is not set. Point it at {path.what}{example}, or use model.tiny=true for a tiny "
@@ -304,6 +305,11 @@ def _check_resolution(resolution: Any, key: str) -> None:
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_repo_id(value: str) -> bool:
+    """`owner/name` that is no path on disk: a Hugging Face repo id."""
+    return not Path(value).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None
 
 
 def _check_path(path: str, key: str, what: str, folder: bool = False) -> None:

@@ -319,6 +319,7 @@ class DiffusionDataModule(LightningDataModule):
                     item.caption,)
                 for size in assign_buckets(item.width, item.height, directory["resolutions"], ars,
                                            module.pixels_round_to_multiple):
+                    check_allowed_size(size, module, item.path)
                     texts = tuple(CachedText(caption, cache.text_path(caption, text_fp, text_controls, size))
                                   for caption in captions)
                     for frames in item_clips:
@@ -360,6 +361,7 @@ class DiffusionDataModule(LightningDataModule):
                                           f"(e.g. model=wan21_t2v) to train on videos")
         buckets = frame_buckets_with_image(directory["frame_buckets"])
         check_frame_buckets(buckets, module.frames_multiple, directory)
+        check_allowed_frames(buckets, module, directory)
         timeline = resample_indices(item.num_frames, item.fps, module.framerate)
         length = video_frame_bucket(len(timeline), buckets)
         if length is None:
@@ -493,6 +495,27 @@ def check_frame_buckets(buckets: list[int], multiple: int, directory: dict) -> N
         raise ConfigError(f"dataset.frame_buckets={directory['frame_buckets']} (for {directory['path']}): {bad} "
                           f"cannot be encoded; frame counts must be of the form {multiple}k+1 "
                           f"(1, {multiple + 1}, {2 * multiple + 1}, ...) for this model's VAE.")
+
+
+def check_allowed_size(size: tuple[int, int], module, path: Path) -> None:
+    """A family that trains at a fixed set of sizes (`allowed_sizes`) refuses any other bucket."""
+    allowed = module.allowed_sizes
+    if allowed is not None and tuple(size) not in allowed:
+        listed = ", ".join(f"{w}x{h}" for w, h in allowed)
+        width, height = allowed[0]
+        raise ConfigError(f"{path} falls in a {size[0]}x{size[1]} bucket, but {type(module).__name__} trains only at "
+                          f"{listed} (width x height). Set dataset.resolutions=[[{width},{height}]] "
+                          f"dataset.ar_buckets=[[{width},{height}]] (one entry per allowed size).")
+
+
+def check_allowed_frames(buckets: list[int], module, directory: dict) -> None:
+    """A family that trains on a fixed set of video lengths (`allowed_frames`) refuses other frame buckets."""
+    allowed = module.allowed_frames
+    bad = [f for f in buckets if f > 1 and f not in allowed] if allowed is not None else []
+    if bad:
+        raise ConfigError(f"dataset.frame_buckets={directory['frame_buckets']} (for {directory['path']}): {bad} "
+                          f"frames, but {type(module).__name__} trains videos of {list(allowed)} frames only. Set "
+                          f"dataset.frame_buckets={list(allowed)}.")
 
 
 def _with_defaults(directory: dict, defaults: dict) -> dict:

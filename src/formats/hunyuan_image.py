@@ -10,7 +10,11 @@ which ComfyUI's ``hunyuanimage2.1.safetensors`` comes (bare keys): q/k/v fused i
   (LORA_RENAMES);
 - VAE (``hunyuan_image_2.1_vae_fp16.safetensors``): the original ``encoder.down.N.block.M`` layout, whose stages
   diffusers flattens into one ``down_blocks`` list (vae_keymap);
-- ByT5 (``byt5_small_glyphxl_fp16.safetensors``): a T5 state dict; its encoder is what the pipeline runs.
+- ByT5 (``byt5_small_glyphxl_fp16.safetensors``): a T5 state dict; its encoder is what the pipeline runs;
+- Qwen2.5-VL (``qwen_2.5_vl_7b.safetensors``): the original checkpoint names (formats.qwen_image).
+
+Without a Diffusers folder, each part's config is read off its file's tensor shapes (any size), completed by the
+published constants that shapes cannot tell (below).
 """
 from __future__ import annotations
 
@@ -19,17 +23,38 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLHunyuanImage, HunyuanImageTransformer2DModel
-from transformers import T5Config, T5EncoderModel
+from transformers import Qwen2_5_VLConfig, T5Config, T5EncoderModel
 
 from .keymap import Fused, KeyMap, swap_halves, widths, within
 from .single_file import (
     StateDict,
     build_with_weights,
+    count_blocks,
     read_state_dict,
     refuse_fp8_scaled,
     save_native,
     strip_comfy_prefix,
 )
+
+# Published values that tensor shapes cannot tell:
+# - the transformer (hunyuanvideo-community/HunyuanImage-2.1-Diffusers transformer/config.json): RoPE over height
+#   and width, each half of the head;
+TRANSFORMER_CONSTANTS = dict(qk_norm="rms_norm", rope_theta=256.0)
+ROPE_AXES = 2
+# - the VAE (Tencent's HunyuanImage-2.1 vae config.json);
+VAE_CONSTANTS = dict(sample_size=384, scaling_factor=0.75289, downsample_match_channel=True,
+                     upsample_match_channel=True)
+# - Qwen2.5-VL-7B-Instruct (config.json): no q/k norms, so the head widths are not in the weights;
+QWEN_HEAD_DIM, QWEN_VISION_HEAD_DIM = 128, 80
+QWEN_TEXT_CONSTANTS = dict(rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=128000,
+                           rope_scaling={"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"},
+                           bos_token_id=151643, eos_token_id=151645)
+QWEN_VISION_CONSTANTS = dict(fullatt_block_indexes=[7, 15, 23, 31], window_size=112, tokens_per_second=2)
+QWEN_TOKEN_IDS = dict(vision_start_token_id=151652, vision_end_token_id=151653, vision_token_id=151654,
+                      image_token_id=151655, video_token_id=151656)
+# - the glyph ByT5 (google/byt5-small config.json; T5's default relative_attention_max_distance).
+BYT5_CONSTANTS = dict(feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, relative_attention_max_distance=128,
+                      is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
 
 DOUBLE, SINGLE = "double_blocks.{i}.", "single_blocks.{i}."
 DIFFUSERS_DOUBLE, DIFFUSERS_SINGLE = "transformer_blocks.{i}.", "single_transformer_blocks.{i}."
@@ -166,12 +191,12 @@ def _stage_entries(stages: torch.nn.ModuleList, native: str, resampler: str, per
     return entries
 
 
-def load_vae(path: str | Path, skeleton: AutoencoderKLHunyuanImage, dtype: torch.dtype) -> AutoencoderKLHunyuanImage:
-    """ComfyUI's VAE file (the original layout); `skeleton`: the VAE of the Diffusers folder's vae/ config on the
-    meta device, which gives the map."""
+def load_vae(path: str | Path, config: Mapping, dtype: torch.dtype) -> AutoencoderKLHunyuanImage:
+    """ComfyUI's VAE file (the original layout); the map comes from the VAE of `config` on the meta device."""
+    with torch.device("meta"):
+        skeleton = AutoencoderKLHunyuanImage.from_config(dict(config))
     state = vae_keymap(skeleton).to_diffusers(read_state_dict(path), str(path))
-    return build_with_weights(AutoencoderKLHunyuanImage, skeleton.config, state, dtype, path,
-                              "the HunyuanImage-2.1 VAE")
+    return build_with_weights(AutoencoderKLHunyuanImage, config, state, dtype, path, "the HunyuanImage-2.1 VAE")
 
 
 def vae_to_original(vae: AutoencoderKLHunyuanImage) -> StateDict:
@@ -184,3 +209,63 @@ def load_byt5(path: str | Path, config: T5Config, dtype: torch.dtype) -> T5Encod
     return build_with_weights(T5EncoderModel, config, state, dtype, path, "the glyph ByT5 encoder",
                               may_lack=(T5_TIED_EMBEDDING,))
 
+
+
+def transformer_config(shapes: Mapping[str, torch.Tensor]) -> dict:
+    """The HunyuanImageTransformer2DModel config of ComfyUI's transformer file (shapes suffice: meta tensors)."""
+    shapes = strip_comfy_prefix(shapes)
+    hidden_size, in_channels, patch, _ = shapes["img_in.proj.weight"].shape
+    head_dim = shapes["double_blocks.0.img_attn_q_norm.weight"].shape[0]
+    return dict(in_channels=in_channels, out_channels=shapes["final_layer.linear.weight"].shape[0] // patch ** 2,
+                num_attention_heads=hidden_size // head_dim, attention_head_dim=head_dim,
+                num_layers=count_blocks(shapes, "double_blocks"), num_single_layers=count_blocks(shapes, "single_blocks"),
+                num_refiner_layers=count_blocks(shapes, "txt_in.individual_token_refiner.blocks"),
+                mlp_ratio=shapes["double_blocks.0.img_mlp.fc1.weight"].shape[0] / hidden_size, patch_size=(patch, patch),
+                guidance_embeds="guidance_in.mlp.0.weight" in shapes,
+                text_embed_dim=shapes["txt_in.input_embedder.weight"].shape[1],
+                text_embed_2_dim=shapes["byt5_in.fc1.weight"].shape[1] if "byt5_in.fc1.weight" in shapes else None,
+                rope_axes_dim=(head_dim // ROPE_AXES,) * ROPE_AXES, use_meanflow="time_r_in.mlp.0.weight" in shapes,
+                **TRANSFORMER_CONSTANTS)
+
+
+def vae_config(shapes: Mapping[str, torch.Tensor]) -> dict:
+    """The AutoencoderKLHunyuanImage config of ComfyUI's VAE file (original layout): each 2x resampler halves the
+    side, so the compression is 2 ** their count."""
+    stages = count_blocks(shapes, "encoder.down")
+    resamplers = sum(any(key.startswith(f"encoder.down.{i}.downsample.") for key in shapes) for i in range(stages))
+    return dict(in_channels=shapes["encoder.conv_in.weight"].shape[1],
+                out_channels=shapes["decoder.conv_out.weight"].shape[0],
+                latent_channels=shapes["decoder.conv_in.weight"].shape[1],
+                block_out_channels=[shapes[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(stages)],
+                layers_per_block=count_blocks(shapes, "encoder.down.0.block"),
+                spatial_compression_ratio=2 ** resamplers, **VAE_CONSTANTS)
+
+
+def qwen_config(shapes: Mapping[str, torch.Tensor]) -> Qwen2_5_VLConfig:
+    """The Qwen2.5-VL config of ComfyUI's file (original names: `model.` text, `visual.` vision tower)."""
+    vocab_size, hidden_size = shapes["model.embed_tokens.weight"].shape
+    vision_width, _, temporal_patch, patch, _ = shapes["visual.patch_embed.proj.weight"].shape
+    merged_width = shapes["visual.merger.mlp.0.weight"].shape[1]
+    text = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=count_blocks(shapes, "model.layers"),
+                intermediate_size=shapes["model.layers.0.mlp.gate_proj.weight"].shape[0],
+                num_attention_heads=hidden_size // QWEN_HEAD_DIM,
+                num_key_value_heads=shapes["model.layers.0.self_attn.k_proj.weight"].shape[0] // QWEN_HEAD_DIM,
+                **QWEN_TEXT_CONSTANTS)
+    vision = dict(depth=count_blocks(shapes, "visual.blocks"), hidden_size=vision_width,
+                  intermediate_size=shapes["visual.blocks.0.mlp.gate_proj.weight"].shape[0],
+                  num_heads=vision_width // QWEN_VISION_HEAD_DIM, out_hidden_size=hidden_size, patch_size=patch,
+                  temporal_patch_size=temporal_patch, spatial_merge_size=int((merged_width // vision_width) ** 0.5),
+                  **QWEN_VISION_CONSTANTS)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, hidden_size=hidden_size, vocab_size=vocab_size,
+                            **QWEN_TOKEN_IDS)
+
+
+def byt5_config(shapes: Mapping[str, torch.Tensor]) -> T5Config:
+    """The glyph ByT5's T5 config, from its file's shapes (the relative attention table has a column per head)."""
+    vocab_size, d_model = shapes["shared.weight"].shape
+    attention = "encoder.block.0.layer.0.SelfAttention."
+    buckets, heads = shapes[f"{attention}relative_attention_bias.weight"].shape
+    return T5Config(vocab_size=vocab_size, d_model=d_model, num_heads=heads,
+                    d_kv=shapes[f"{attention}q.weight"].shape[0] // heads, num_layers=count_blocks(shapes, "encoder.block"),
+                    d_ff=shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
+                    relative_attention_num_buckets=buckets, **BYT5_CONSTANTS)

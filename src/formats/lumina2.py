@@ -17,7 +17,6 @@ published constants that shapes cannot tell (below).
 from __future__ import annotations
 
 import math
-import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,6 +35,7 @@ from .single_file import (
     NATIVE_PREFIX,
     StateDict,
     build_with_weights,
+    count_blocks,
     read_state_dict,
     refuse_fp8_scaled,
     save_native,
@@ -95,12 +95,6 @@ def keymap(num_attention_heads: int, num_kv_heads: int) -> KeyMap:
 
 def config_keymap(config: Mapping) -> KeyMap:
     return keymap(config["num_attention_heads"], config["num_kv_heads"])
-
-
-def count_blocks(shapes: Mapping[str, torch.Tensor], prefix: str) -> int:
-    """How many `<prefix>.<N>.` blocks the state dict holds."""
-    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
-    return len({match[1] for key in shapes if (match := pattern.match(key))})
 
 
 def transformer_config(shapes: Mapping[str, torch.Tensor]) -> dict:

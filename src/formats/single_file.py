@@ -56,6 +56,12 @@ def read_shapes(path: str | Path, name_filter: str = "*") -> StateDict:
     return shapes
 
 
+def count_blocks(shapes: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """How many `<prefix>.<N>.` blocks the state dict holds."""
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    return len({match[1] for key in shapes if (match := pattern.match(key))})
+
+
 def strip_comfy_prefix(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     """Keys without ComfyUI's `model.diffusion_model.` / `diffusion_model.` prefix."""
     return {COMFY_PREFIX.sub("", key): tensor for key, tensor in state_dict.items()}

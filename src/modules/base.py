@@ -69,6 +69,8 @@ class DiffusionModule(LightningModule, ABC):
     framerate: Optional[int] = None                     # fps videos are resampled to; None: an image-only family
     frames_multiple: int = 4                            # video frame counts are of the form frames_multiple * k + 1
     requires_video: bool = False                        # image-to-video: every item must be a video
+    allowed_sizes: Optional[tuple[tuple[int, int], ...]] = None  # (width, height) the model trains at; None: any
+    allowed_frames: Optional[tuple[int, ...]] = None    # video frame counts it trains on (images: 1); None: any
     text_depends_on_images: bool = False                # encode_captions sees the controls (cache key covers them)
     fold_lora_scale: bool = True                        # False: export_lora gets unscaled weights, writes alpha
     tiny_models: tuple[str, ...] = ()                   # what model.tiny=true reads: names in src/tiny's TINY_MODELS

@@ -4,25 +4,37 @@ latents of its 32x VAE, conditioned on Qwen2.5-VL hidden states and, for text in
 Text goes through HunyuanImagePipeline's own `encode_prompt` (its template and dropped tokens; quoted text in a
 caption to ByT5, none: no ByT5 tokens); both are cached cut at their masks and padded per batch with a mask.
 
-Files: ComfyUI's `transformer_path` (hunyuanimage2.1.safetensors), `vae_path` (hunyuan_image_2.1_vae_fp16),
-`text_encoder_path` (qwen_2.5_vl_7b) and `byt5_path` (byt5_small_glyphxl_fp16) hold the weights; `diffusers_path`
-(a HunyuanImage-2.1 Diffusers folder) gives what they cannot: the model configs, both tokenizers, the scheduler
-and guiders, and the weights of any part without its file. LoRAs export in ComfyUI format, full fine-tunes as
-ComfyUI's single file (see src/formats/hunyuan_image.py)."""
-from collections.abc import Callable
-from functools import partial
+Files: ComfyUI's four files suffice, as in the reference: `transformer_path` (hunyuanimage2.1.safetensors),
+`vae_path` (hunyuan_image_2.1_vae_fp16), `text_encoder_path` (qwen_2.5_vl_7b) and `byt5_path`
+(byt5_small_glyphxl_fp16); each part's config is read off its file (formats.hunyuan_image), ByT5's byte-level
+tokenizer is built in code, the scheduler and guiders take the released pipeline's settings, and the Qwen2.5
+tokenizer, which no weights file carries, comes from `tokenizer_path` (a folder, or a Hugging Face repo id fetched
+when online). Or `diffusers_path`, a HunyuanImage-2.1 Diffusers folder (configs, tokenizers, scheduler, guiders and
+the weights of any part without its file). LoRAs export in ComfyUI format, full fine-tunes as ComfyUI's single file
+(see src/formats/hunyuan_image.py)."""
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import torch
 from diffusers import (
+    AdaptiveProjectedMixGuidance,
     AutoencoderKLHunyuanImage,
+    FlowMatchEulerDiscreteScheduler,
     HunyuanImagePipeline,
     HunyuanImageTransformer2DModel,
 )
 from safetensors.torch import load_file
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, T5Config, T5EncoderModel
+from transformers import (
+    AutoTokenizer,
+    ByT5Tokenizer,
+    PreTrainedTokenizerBase,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    T5Config,
+    T5EncoderModel,
+)
 
+from difftrain.config.errors import ConfigError
 from difftrain.config.keys import ModelPath
 from difftrain.datamodules.cache import fingerprint_files
 from difftrain.formats import hunyuan_image as formats
@@ -31,7 +43,8 @@ from difftrain.tiny import hunyuan_image as tiny_hunyuan
 from difftrain.tiny import tiny_model_dir
 from difftrain.utils.atomic import save_safetensors
 
-from .base import DiffusionModule, pad_sequences, skeleton
+from .base import pad_sequences, skeleton
+from .parts import Part, SingleFileModule, load_tokenizer, tokenizer_folders
 
 LORA_FILE = "adapter_model.safetensors"
 FULL_FILE = "hunyuanimage2.1.safetensors"
@@ -40,6 +53,19 @@ TEXT_KEYS = ("prompt_embeds", "prompt_embeds_2")
 TIMESTEP_SCALE = 1000
 TINY_FILES = {"transformer": tiny_hunyuan.COMFY_TRANSFORMER, "vae": tiny_hunyuan.COMFY_VAE,
               "text_encoder": tiny_hunyuan.COMFY_TEXT_ENCODER, "text_encoder_2": tiny_hunyuan.COMFY_BYT5}
+FILE_KEYS = {"transformer": "transformer_path", "vae": "vae_path", "text_encoder": "text_encoder_path",
+             "text_encoder_2": "byt5_path"}
+# HunyuanImage-2.1's sampling settings (Tencent's pipeline: shift 5; adaptive projected guidance from step 5, for
+# quoted text from step 38); the rest are the guider's defaults.
+SCHEDULER_SHIFT = 5.0
+GUIDER_START_STEPS = {"guider": 5, "ocr_guider": 38}
+PARTS = {"transformer": Part(HunyuanImageTransformer2DModel, HunyuanImageTransformer2DModel.load_config,
+                             formats.transformer_config, formats.load_transformer),
+         "vae": Part(AutoencoderKLHunyuanImage, AutoencoderKLHunyuanImage.load_config, formats.vae_config,
+                     formats.load_vae),
+         "text_encoder": Part(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig.from_pretrained,
+                              formats.qwen_config, load_text_encoder),
+         "text_encoder_2": Part(T5EncoderModel, T5Config.from_pretrained, formats.byt5_config, formats.load_byt5)}
 
 
 class HunyuanImageEncoders:
@@ -67,7 +93,7 @@ class HunyuanImageEncoders:
                 for e, m, g, gm in zip(embeds, mask, glyph_embeds, glyph_mask)]
 
 
-class HunyuanImageModule(DiffusionModule):
+class HunyuanImageModule(SingleFileModule):
     cache_name = "hunyuan_image"
     tiny_models = ("hunyuan_image",)
     lora_target_blocks = ("HunyuanImageTransformerBlock", "HunyuanImageSingleTransformerBlock")
@@ -75,11 +101,13 @@ class HunyuanImageModule(DiffusionModule):
     keep_in_high_precision = (r"^x_embedder", r"^context_embedder", r"^time_guidance_embed", r"^norm_out",
                               r"^proj_out$")
     pixels_round_to_multiple = 32  # the VAE's 32x compression, 1x1 patches
+    PARTS = PARTS
 
     def __init__(self,
                  diffusers_path: Annotated[Optional[str], ModelPath(
                      "a HunyuanImage-2.1 Diffusers folder (configs, tokenizers, scheduler; weights of parts without "
-                     "their file)", example="/models/HunyuanImage-2.1-Diffusers", required=True)] = None,
+                     "their file); not needed when the four ComfyUI files are set",
+                     example="/models/HunyuanImage-2.1-Diffusers")] = None,
                  transformer_path: Annotated[Optional[str], ModelPath(
                      "ComfyUI's transformer file", example="/models/hunyuanimage2.1.safetensors")] = None,
                  vae_path: Annotated[Optional[str], ModelPath(
@@ -88,53 +116,79 @@ class HunyuanImageModule(DiffusionModule):
                      "ComfyUI's Qwen2.5-VL file", example="/models/qwen_2.5_vl_7b.safetensors")] = None,
                  byt5_path: Annotated[Optional[str], ModelPath(
                      "ComfyUI's glyph ByT5 file", example="/models/byt5_small_glyphxl_fp16.safetensors")] = None,
+                 # by default that of ComfyUI's qwen_2.5_vl_7b (HunyuanImage-2.1's tokenizer/), downloaded
+                 tokenizer_path: Annotated[str, ModelPath(
+                     "the Qwen2.5-VL tokenizer (a folder, or a Hugging Face repo id), used without diffusers_path",
+                     example="/models/Qwen2.5-VL-7B-Instruct", repo_id=True)] = "Qwen/Qwen2.5-VL-7B-Instruct",
                  **common):
         super().__init__(**common)
         self.diffusers_path = diffusers_path
-        self.part_files = {"transformer": transformer_path, "vae": vae_path, "text_encoder": text_encoder_path,
-                           "text_encoder_2": byt5_path}
+        self.tokenizer_path = tokenizer_path
+        self.files = {"transformer": transformer_path, "vae": vae_path, "text_encoder": text_encoder_path,
+                      "text_encoder_2": byt5_path}
+        self.check_sources()
 
     # --- files
+    def check_sources(self) -> None:
+        """A Diffusers folder, or the four single files (a tiny model is a folder)."""
+        missing = [f"model.{FILE_KEYS[part]}" for part, path in self.files.items() if not path]
+        if missing and not (self.tiny or self.diffusers_path):
+            raise ConfigError(f"model.diffusers_path is not set, nor {' and '.join(missing)}: set the four ComfyUI "
+                              f"files (model.transformer_path, model.vae_path, model.text_encoder_path, "
+                              f"model.byt5_path) or a HunyuanImage-2.1 Diffusers folder "
+                              f"(model.diffusers_path=/models/HunyuanImage-2.1-Diffusers), or use model.tiny=true for "
+                              f"a tiny test model.")
+
     @property
-    def model_dir(self) -> Path:
-        return tiny_model_dir("hunyuan_image", tiny_hunyuan.build) if self.tiny else Path(self.diffusers_path)
+    def model_dir(self) -> Optional[Path]:
+        """The Diffusers folder (the tiny one in tests), or None: the single files alone."""
+        if self.tiny:
+            return tiny_model_dir("hunyuan_image", tiny_hunyuan.build)
+        return Path(self.diffusers_path) if self.diffusers_path else None
 
-    def part_file(self, part: str) -> Optional[Path]:
-        """The part's single file; a tiny model reads its own ComfyUI files unless given others."""
-        if self.part_files[part]:
-            return Path(self.part_files[part])
-        return self.model_dir / TINY_FILES[part] if self.tiny else None
+    @property
+    def part_files(self) -> dict[str, Optional[str]]:
+        """Each part's single file; a tiny model reads its own ComfyUI files unless given others."""
+        if not self.tiny:
+            return self.files
+        return {part: path or str(self.model_dir / TINY_FILES[part]) for part, path in self.files.items()}
 
-    def weights_source(self, part: str) -> Path:
-        return self.part_file(part) or self.model_dir / part
+    def load_tokenizers(self) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
+        """Qwen2.5's and ByT5's: the folder's, else `tokenizer_path`'s and ByT5's byte-level one (no vocabulary)."""
+        if self.model_dir is not None:
+            return tuple(AutoTokenizer.from_pretrained(self.model_dir, subfolder=name, local_files_only=True)
+                         for name in ("tokenizer", "tokenizer_2"))
+        return load_tokenizer(self.tokenizer_path, "Qwen2.5-VL"), ByT5Tokenizer()
 
-    def load_part(self, part: str, model_cls: type, read_file: Callable[..., torch.nn.Module]
-                  ) -> torch.nn.Module:
-        """The part from its single file (`read_file(file, dtype=...)`), else from the folder."""
-        file = self.part_file(part)
-        if file is None:
-            return model_cls.from_pretrained(self.model_dir, subfolder=part, dtype=self.compute_dtype,
-                                             local_files_only=True).eval()
-        return read_file(file, dtype=self.compute_dtype)
+    def tokenizer_folders(self) -> list[Path]:
+        """The folders the tokenizers are read from (none for a repo id: its name identifies it)."""
+        if self.model_dir is not None:
+            return [self.model_dir / "tokenizer", self.model_dir / "tokenizer_2"]
+        return tokenizer_folders(self.tokenizer_path)
+
+    def load_scheduler(self) -> FlowMatchEulerDiscreteScheduler:
+        if self.model_dir is None:
+            return FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT)
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(self.model_dir, subfolder="scheduler")
+
+    def load_guiders(self) -> dict[str, AdaptiveProjectedMixGuidance]:
+        if self.model_dir is None:
+            return {name: AdaptiveProjectedMixGuidance(adaptive_projected_guidance_start_step=step)
+                    for name, step in GUIDER_START_STEPS.items()}
+        return {name: AdaptiveProjectedMixGuidance.from_pretrained(self.model_dir, subfolder=name)
+                for name in GUIDER_START_STEPS}
 
     def pipeline(self, transformer: Optional[HunyuanImageTransformer2DModel]) -> HunyuanImagePipeline:
-        root = self.model_dir
-        vae = skeleton(AutoencoderKLHunyuanImage, AutoencoderKLHunyuanImage.load_config(root, subfolder="vae"))
-        qwen_config = Qwen2_5_VLConfig.from_pretrained(root / "text_encoder")
-        byt5_config = T5Config.from_pretrained(root / "text_encoder_2")
-        return HunyuanImagePipeline.from_pretrained(
-            root, transformer=transformer, local_files_only=True,
-            vae=self.load_part("vae", AutoencoderKLHunyuanImage, partial(formats.load_vae, skeleton=vae)),
-            text_encoder=self.load_part("text_encoder", Qwen2_5_VLForConditionalGeneration,
-                                        partial(load_text_encoder, config=qwen_config)),
-            text_encoder_2=self.load_part("text_encoder_2", T5EncoderModel,
-                                          partial(formats.load_byt5, config=byt5_config)))
+        tokenizer, tokenizer_2 = self.load_tokenizers()
+        return HunyuanImagePipeline(
+            transformer=transformer, vae=self.load_part("vae").eval(), text_encoder=self.load_part("text_encoder").eval(),
+            tokenizer=tokenizer, text_encoder_2=self.load_part("text_encoder_2").eval(), tokenizer_2=tokenizer_2,
+            scheduler=self.load_scheduler(), **self.load_guiders())
 
     # --- caching
     def cache_fingerprints(self) -> tuple[str, str]:
-        root = self.model_dir
         text = fingerprint_files(self.weights_source("text_encoder"), self.weights_source("text_encoder_2"),
-                                 root / "tokenizer", root / "tokenizer_2", extra=self.cache_name)
+                                 *self.tokenizer_folders(), extra=f"{self.cache_name}:{self.tokenizer_path}")
         return fingerprint_files(self.weights_source("vae"), extra=self.cache_name), text
 
     def load_cache_encoders(self) -> HunyuanImageEncoders:
@@ -149,15 +203,11 @@ class HunyuanImageModule(DiffusionModule):
         return batch
 
     # --- training
-    def denoiser_config(self) -> dict:
-        return HunyuanImageTransformer2DModel.load_config(self.model_dir, subfolder="transformer")
-
     def load_denoiser(self) -> HunyuanImageTransformer2DModel:
-        return self.load_part("transformer", HunyuanImageTransformer2DModel,
-                              partial(formats.load_transformer, config=self.denoiser_config()))
+        return self.load_part("transformer")
 
     def denoiser_skeleton(self) -> HunyuanImageTransformer2DModel:
-        return skeleton(HunyuanImageTransformer2DModel, self.denoiser_config())
+        return skeleton(HunyuanImageTransformer2DModel, self.part_config("transformer"))
 
     def base_model(self) -> str:
         return str(self.weights_source("transformer"))

@@ -12,9 +12,8 @@ config is read off its file (formats.lumina2). Or `diffusers_path`, a Lumina-Ima
 tokenizer, scheduler and the weights of the parts no single file replaces).
 LoRAs export in ComfyUI format (`diffusion_model.<native names>`, q/k/v fused), full fine-tunes as the native
 single file."""
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple, Optional
+from typing import Annotated, Any, Optional
 
 import numpy as np
 import torch
@@ -26,29 +25,18 @@ from difftrain.config.errors import ConfigError
 from difftrain.config.keys import ModelPath
 from difftrain.datamodules.cache import fingerprint_files
 from difftrain.formats import lumina2 as formats
-from difftrain.formats.single_file import read_shapes
 from difftrain.tiny import lumina2 as tiny_lumina2
 from difftrain.tiny import tiny_model_dir
 from difftrain.utils.atomic import save_safetensors
 
-from .base import DiffusionModule, pad_sequences, skeleton
+from .base import pad_sequences, skeleton
 from .flux import FluxEncoders
+from .parts import Part, SingleFileModule
 from .qwen_image import unpadded
 
 LORA_FILE = "adapter_model.safetensors"
 FULL_FILE = "lumina_2_model.safetensors"
 SINGLE_FILE_KEYS = ("transformer_path", "llm_path", "vae_path")
-
-
-class Part(NamedTuple):
-    """How one part loads: its class (from a Diffusers subfolder), how its subfolder's config is read, how its single
-    file's config is read off the file's shapes, and how the single file loads with that config."""
-    model_cls: type
-    folder_config: Callable[[Path], Any]
-    file_config: Callable[[dict], Any]
-    load_file: Callable[..., torch.nn.Module]
-
-
 PARTS = {"transformer": Part(Lumina2Transformer2DModel, Lumina2Transformer2DModel.load_config,
                              formats.transformer_config, formats.load_transformer),
          "text_encoder": Part(Gemma2Model, Gemma2Config.from_pretrained, formats.gemma_config,
@@ -71,12 +59,13 @@ class Lumina2Encoders(FluxEncoders):
         return unpadded(embeds, mask)
 
 
-class Lumina2Module(DiffusionModule):
+class Lumina2Module(SingleFileModule):
     cache_name = "lumina2"
     tiny_models = ("lumina2",)
     lora_target_blocks = ("Lumina2TransformerBlock",)
     block_lists = ("context_refiner", "noise_refiner", "layers")  # the order forward runs them
     pixels_round_to_multiple = 16  # VAE factor 8 x 2x2 patches
+    PARTS = PARTS
 
     def __init__(self,
                  diffusers_path: Annotated[Optional[str], ModelPath(
@@ -120,23 +109,6 @@ class Lumina2Module(DiffusionModule):
         if self.tiny:
             return tiny_model_dir("lumina2", tiny_lumina2.build)
         return Path(self.diffusers_path) if self.diffusers_path else None
-
-    def weights_source(self, part: str) -> Path:
-        """The part's single file, or its subfolder of the Diffusers folder."""
-        return Path(self.part_files[part]) if self.part_files[part] else self.model_dir / part
-
-    def part_config(self, part: str) -> Any:
-        """A part's config: from its subfolder of the Diffusers folder, else read off its single file's shapes."""
-        if self.model_dir is None:
-            return PARTS[part].file_config(read_shapes(self.part_files[part]))
-        return PARTS[part].folder_config(self.model_dir / part)
-
-    def load_part(self, part: str) -> torch.nn.Module:
-        """A part from its single file when set, else from its subfolder of the Diffusers folder."""
-        if self.part_files[part]:
-            return PARTS[part].load_file(self.part_files[part], self.part_config(part), self.compute_dtype)
-        return PARTS[part].model_cls.from_pretrained(self.model_dir, subfolder=part, dtype=self.compute_dtype,
-                                                     local_files_only=True)
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.model_dir is None:

@@ -1,4 +1,5 @@
-"""How a family turns clean latents into a training example: flow matching (most families) or DDPM (SDXL).
+"""How a family turns clean latents into a training example: flow matching (most families), DDPM (SDXL) or EDM
+(Cosmos 1.0).
 
 Timesteps always come from the shared `TimestepSampler` as t in [0, 1] with 1 = pure noise, so sampling,
 shifts, min_t/max_t and eval quantiles work the same for every family. A schedule maps t to what its denoiser
@@ -6,7 +7,7 @@ takes, noises the latents, names the target and weights each sample's loss."""
 from typing import Optional
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, EDMEulerScheduler
 from diffusers.training_utils import compute_snr
 
 
@@ -84,3 +85,44 @@ class DDPM:
             capped = snr.clamp(max=1000)
             weights = weights * (1 / (capped + 1) if self.v_pred else 1 / capped.sqrt())
         return weights
+
+
+class EDM:
+    """EDM (Karras et al. 2022) with the preconditioning of diffusers' EDMEulerScheduler, as Cosmos 1.0 was trained
+    and CosmosTextToWorldPipeline samples (sigma_data 0.5, epsilon parametrisation). t in [0, 1] picks sigma on the
+    Karras schedule (rho 7) between sigma_min (t=0) and sigma_max (t=1, noise), as the scheduler spaces its steps.
+
+    x_sigma = x + sigma eps; the denoiser sees c_in x_sigma and c_noise = log(sigma) / 4, its output F gives
+    D = c_skip x_sigma + c_out F. EDM's loss lambda ||D - x||^2 with lambda = 1 / c_out^2 is exactly the unweighted
+    ||F - (x - c_skip x_sigma) / c_out||^2, the target and weight used here."""
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5, rho: float = 7.0):
+        self.scheduler = EDMEulerScheduler(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data,
+                                           sigma_schedule="karras", rho=rho, prediction_type="epsilon")
+
+    def sigmas(self, t: torch.Tensor) -> torch.Tensor:
+        """Karras et al.'s schedule, its ramp run from sigma_max at t=1 to sigma_min at t=0."""
+        config = self.scheduler.config
+        low, high = config.sigma_min ** (1 / config.rho), config.sigma_max ** (1 / config.rho)
+        return (high + (1 - t.double()) * (low - high)).pow(config.rho).float()
+
+    def denoiser_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.precondition_noise(self.sigmas(t))
+
+    def _noised(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return latents.float() + _per_sample(self.sigmas(t).to(latents.device), latents) * noise.float()
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = _per_sample(self.sigmas(t).to(latents.device), latents)
+        return self.scheduler.precondition_inputs(self._noised(latents, noise, t), sigma).to(latents.dtype)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """(x - c_skip x_sigma) / c_out: c_skip x_sigma + c_out target = x (precondition_outputs, inverted)."""
+        sigma = _per_sample(self.sigmas(t).to(latents.device), latents)
+        noised = self._noised(latents, noise, t)
+        skip = self.scheduler.precondition_outputs(noised, torch.zeros_like(noised), sigma)
+        out_scale = self.scheduler.precondition_outputs(torch.zeros_like(noised), torch.ones_like(noised), sigma)
+        return ((latents.float() - skip) / out_scale).to(latents.dtype)
+
+    def loss_weights(self, t: torch.Tensor) -> Optional[torch.Tensor]:
+        return None
