@@ -72,7 +72,6 @@ def validate(cfg: DictConfig) -> None:
     if cfg.optimizer.get("gradient_release"):
         _check_gradient_release(cfg.trainer)
     _check_block_swap(model.blocks_to_swap, cfg.adapter, cfg.trainer)
-    _check_compile(model)
     check_strategy(cfg)
     if cfg.save_every_n_steps is None and cfg.save_every_n_epochs is None:
         raise ConfigError("Nothing would be exported: set save_every_n_steps or save_every_n_epochs.")
@@ -145,14 +144,6 @@ def _check_block_swap(count: int, adapter: DictConfig, trainer: DictConfig) -> N
     if count and not _single_process(trainer):
         raise ConfigError(f"{key} works in a single process (DDP needs every weight of the model on its device): "
                           f"set trainer.devices=1 and trainer.num_nodes=1, or model.blocks_to_swap=0.")
-
-
-def _check_compile(model: DictConfig) -> None:
-    # Measured: fp8 layerwise casting swaps each weight's storage around its layer's call, and the compiled
-    # backward then multiplies by the fp8 storage (src/modules/compile.py).
-    if model.get("compile") and model.get("transformer_dtype"):
-        raise ConfigError(f"model.compile=true cannot compile blocks whose weights are stored in "
-                          f"model.transformer_dtype={model.transformer_dtype}: set one of them off.")
 
 
 def _single_process(trainer: DictConfig) -> bool:

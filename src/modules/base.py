@@ -27,7 +27,7 @@ from difftrain.tiny import tiny_model
 from .adapters import is_adapter_weight, part_prefix, peft_config, prepare_adapter, write_adapter
 from .block_swap import BlockSwap
 from .checkpointing import checkpoint_blocks
-from .compile import compile_blocks
+from .compile import cast_in_graph, compile_blocks
 from .nf4 import quantize_linears_nf4
 from .noise_schedules import FlowMatching
 from .timesteps import TimestepSampler
@@ -281,12 +281,9 @@ class DiffusionModule(LightningModule, ABC):
         if self.nf4_base:  # before the LoRA, which wraps the 4-bit layers
             quantize_linears_nf4(denoiser, self.compute_dtype, keep=self.keep_in_high_precision)
         denoiser = self._prepare_part("denoiser", denoiser, self.discarded_modules(denoiser))
-        if self.storage_dtype is not None:
-            # The hook directly, not model.enable_layerwise_casting: that also skips every module whose name
-            # contains "norm" (all of Flux's modulation linears), where the family's own list should decide.
-            apply_layerwise_casting(denoiser, storage_dtype=self.storage_dtype, compute_dtype=self.compute_dtype,
-                                    skip_modules_pattern=(*self.keep_in_high_precision, "lora_"))
         self.denoiser = denoiser
+        if self.storage_dtype is not None:
+            self._store_low_precision()
         if self.compiled_blocks:  # before checkpointing and block swap wrap the blocks (see compile.py)
             compile_blocks(self.blocks())
         if self.blocks_to_swap:
@@ -302,6 +299,15 @@ class DiffusionModule(LightningModule, ABC):
         if self.device_mesh is not None:  # trainer=fsdp
             shard_parts(self.model_parts(), self.checkpointed_blocks(), self.device_mesh["data_parallel"],
                         self.compute_dtype)
+
+    def _store_low_precision(self) -> None:
+        keep = (*self.keep_in_high_precision, "lora_")
+        compiled = (cast_in_graph(self.denoiser, self.blocks(), self.storage_dtype, self.compute_dtype, keep)
+                    if self.compiled_blocks else ())
+        # The hook directly, not model.enable_layerwise_casting: that also skips every module whose name
+        # contains "norm" (all of Flux's modulation linears), where the family's own list should decide.
+        apply_layerwise_casting(self.denoiser, storage_dtype=self.storage_dtype, compute_dtype=self.compute_dtype,
+                                skip_modules_pattern=(*keep, *compiled))
 
     def blocks(self) -> list[torch.nn.Module]:
         """The denoiser's transformer blocks in the order they run (block swap); empty where the family lists

@@ -2,17 +2,59 @@
 `compile_repeated_blocks`. Blocks of one class run the same code object, and torch inlines module attributes as
 graph inputs, so they share one compiled graph: a compile costs a few blocks, not the whole denoiser.
 
-The compiled forward is the block's innermost call: LoRA layers and fp8 casting hooks (inside the block) are
-traced into it; activation checkpointing (which wraps `block.forward` afterwards) and block swap (module hooks,
-run by `block.__call__`) stay eager around it, so their device copies, grad hooks and recompute context never
-enter a graph.
+The compiled forward is the block's innermost call: LoRA layers and fp8 casts (inside the block) are traced into
+it; activation checkpointing (which wraps `block.forward` afterwards) and block swap (module hooks, run by
+`block.__call__`) stay eager around it, so their device copies, grad hooks and recompute context never enter a
+graph.
 
-Shapes: torch's automatic dynamic shapes (`dynamic=None`). The first bucket compiles a graph specialised to its
-sizes; the first different bucket recompiles once with the sizes that changed made symbolic, and every later
-bucket reuses that graph: at most two compiles per block class, however many buckets."""
+Shapes: torch's automatic dynamic shapes (`dynamic=True`): the sizes are symbolic from the first compile, so every
+bucket reuses the graph it compiled.
+
+fp8 storage: diffusers' layerwise casting swaps a layer's weights to the compute dtype and back around each call
+(`module.to`); traced into a graph that swap is lost, and the compiled backward multiplies by the stored fp8
+weight. Inside compiled blocks each layer instead keeps its fp8 weights and its forward casts copies of them, an
+op the graph holds (`cast_in_graph`); layerwise casting handles the rest of the denoiser."""
+import re
+from functools import partial
+
 import torch
+import torch.nn.functional as F
+
+CAST_IN_GRAPH = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+# What diffusers' layerwise casting would store in fp8 but a compiled block cannot (no forward written for it here)
+OTHER_CAST_LAYERS = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d,
+                     torch.nn.Embedding)
 
 
 def compile_blocks(blocks: list[torch.nn.Module]) -> None:
     for block in blocks:
         block.forward = torch.compile(block.forward, dynamic=True)
+
+
+def cast_in_graph(denoiser: torch.nn.Module, blocks: list[torch.nn.Module], storage_dtype: torch.dtype,
+                  compute_dtype: torch.dtype, keep_patterns: tuple[str, ...]) -> tuple[str, ...]:
+    """Store the blocks' layers in `storage_dtype`, each computing in `compute_dtype` from a cast copy, except
+    layers whose name matches a `keep_patterns` regex. Returns patterns matching exactly the blocks' names, for
+    layerwise casting to skip."""
+    wanted = {id(block) for block in blocks}
+    names = [name for name, module in denoiser.named_modules() if id(module) in wanted]
+    for block_name in names:
+        for name, layer in denoiser.get_submodule(block_name).named_modules(prefix=block_name):
+            if any(re.search(pattern, name) for pattern in keep_patterns):
+                continue
+            if isinstance(layer, OTHER_CAST_LAYERS):
+                raise NotImplementedError(f"model.compile=true with fp8 storage: {name} ({type(layer).__name__}) "
+                                          f"has no in-graph cast; set model.compile=false.")
+            if isinstance(layer, CAST_IN_GRAPH):
+                layer.to(storage_dtype)
+                layer.forward = partial(_forward_from_cast_weights, layer, compute_dtype)
+    return tuple(f"^{re.escape(name)}$" for name in names)
+
+
+def _forward_from_cast_weights(layer: torch.nn.Module, compute_dtype: torch.dtype,
+                               input: torch.Tensor) -> torch.Tensor:
+    weight = layer.weight.to(compute_dtype)
+    bias = None if layer.bias is None else layer.bias.to(compute_dtype)
+    if isinstance(layer, torch.nn.Linear):
+        return F.linear(input, weight, bias)
+    return layer._conv_forward(input, weight, bias)
