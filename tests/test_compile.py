@@ -1,6 +1,7 @@
 """model.compile=true (src/modules/compile.py): the tiny Flux trained 2 steps with its blocks compiled, one step in
-each of two buckets, with LoRA, activation checkpointing and block swap on (CPU), against the same run in eager
-mode. One compiled run serves every assert: a first compile takes most of the test's time."""
+each of two buckets, with every block feature compile must combine with on at once (LoRA, fp8 storage, activation
+checkpointing, block swap on the CPU), against the same run in eager mode. One compiled run serves every assert: a
+first compile takes most of the test's time."""
 import shutil
 
 import pytest
@@ -9,14 +10,14 @@ from lightning import Callback
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
-from difftrain.config.validate import ConfigError, validate
 from difftrain.training import run
 from tests.conftest import EXAMPLE_IMAGES, compose_config
 
 # Two buckets (80 and 112 px squares of one image: 25 and 49 image tokens, sizes no width of the tiny Flux shares,
-# which would make torch specialise on them), one step each; every block feature that combines with compile.
+# which would make torch specialise on them), one step each.
 COMMON = ("trainer.max_steps=2", "checkpoint_every_n_steps=null", "dataset.resolutions=[80,112]",
-          "adapter.rank=4", "optimizer.lr=1e-2", "model.activation_checkpointing=true", "model.blocks_to_swap=2",
+          "adapter.rank=4", "optimizer.lr=1e-2", "model.transformer_dtype=float8",
+          "model.activation_checkpointing=true", "model.blocks_to_swap=2",
           "+callbacks.graphs._target_=tests.test_compile.CompiledGraphs")
 
 
@@ -53,8 +54,14 @@ def test_compiled_training_exports_the_lora_of_eager_training(runs):
     assert eager.keys() == compiled.keys()
     assert any(t.abs().sum() > 0 for k, t in eager.items() if "lora_B" in k), "training changed no LoRA"
     for key in eager:
-        # Inductor fuses and reorders fp32 reductions: measured differences <= TOLERANCE_MEASURED after 2 steps.
-        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5, msg=key)
+        # Inductor fuses and reorders fp32 reductions: measured differences up to 1.2e-5 after 2 steps.
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=3e-5, msg=key)
+
+
+def test_fp8_weights_stay_fp8_in_compiled_blocks(runs):
+    block = runs["compiled"].module.blocks()[0]
+    base_layer = block.attn.to_q.base_layer  # the LoRA wraps the fp8 linear
+    assert base_layer.weight.dtype == torch.float8_e4m3fn
 
 
 def test_blocks_are_compiled_once_and_a_second_bucket_compiles_nothing(runs):
@@ -63,9 +70,3 @@ def test_blocks_are_compiled_once_and_a_second_bucket_compiles_nothing(runs):
     before = graphs_per_step(runs["eager"])[-1][1]
     assert graphs_after_first > before, "no block was compiled"
     assert graphs_after_second == graphs_after_first, "the second bucket recompiled"
-
-
-def test_compile_with_fp8_storage_is_refused_at_validation(tmp_path):
-    cfg = compose_config(tmp_path, "model.compile=true", "model.transformer_dtype=float8")
-    with pytest.raises(ConfigError, match="model.compile=true .* model.transformer_dtype=float8"):
-        validate(cfg)
