@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import compose_config, limit_cpu_threads, median, print_table, quiet
+from _common import add_threads_option, compose_config, limit_cpu_threads, median, print_table, quiet
 
 import torch
 from lightning import Callback
@@ -18,9 +18,9 @@ from lightning import Callback
 from difftrain.training import run
 
 # family -> (model group overrides, square resolution in px)
-FAMILIES = {"flux": (("model=flux_tiny",), 256),
-            "sdxl": (("model=sdxl_tiny",), 256),
-            "wan": (("model=wan21_t2v", "model.tiny=true", "model.dtype=float32"), 256)}
+FAMILIES = {"flux": (("model=flux_tiny",), 512),
+            "sdxl": (("model=sdxl_tiny",), 512),
+            "wan": (("model=wan21_t2v", "model.tiny=true", "model.dtype=float32"), 512)}
 
 
 class StepTimer(Callback):
@@ -40,7 +40,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, default=2, help="steps dropped from each run (the compile happens here)")
     p.add_argument("--trials", type=int, default=2, help="runs of each setting; eager and compiled alternate")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    add_threads_option(p)
     return p.parse_args()
 
 
