@@ -19,6 +19,7 @@ from difftrain.formats.cosmos_common import read_original
 from difftrain.formats.cosmos_predict2 import PREDICT2
 from difftrain.formats.old_t5 import load_old_t5
 from difftrain.formats.single_file import save_native
+from difftrain.modules.cosmos import TINY_FRAMES, TINY_SIZES
 from difftrain.modules.noise_schedules import EDM
 from difftrain.tiny import cosmos as tiny_cosmos
 from difftrain.tiny import tiny_model
@@ -140,6 +141,19 @@ def test_cosmos1_datamodule_refuses_sizes_and_frame_counts_the_model_does_not_kn
     (1280x704, 121 frames)."""
     with pytest.raises(ConfigError, match=message):
         run(compose_config(tmp_path / "run", *COSMOS1_RUN, override, "trainer.max_steps=1"))
+
+
+def test_the_tiny_cosmos1_denoises_every_size_and_frame_count_it_allows(tmp_path):
+    """model=cosmos model.tiny=true dataset=videos trains: the tiny transformer has positions for all of them."""
+    module = build_module(compose_config(tmp_path / "run", *COSMOS1_RUN))
+    module.configure_model()
+    text = {"prompt_embeds": torch.randn(1, 16, module.denoiser.config.text_embed_dim)}
+    for width, height in TINY_SIZES:
+        for frames in TINY_FRAMES:
+            latents = torch.randn(1, tiny_cosmos.LATENT_CHANNELS, (frames - 1) // 4 + 1, height // 4, width // 4)
+            with torch.no_grad():
+                output = module.run_denoiser(latents, torch.tensor([0.5]), text)
+            assert output.shape == latents.shape, (width, height, frames)
 
 
 def test_predict2_trains_on_the_inputs_and_timesteps_the_pipeline_gives_its_transformer(e5m2_lora_run):

@@ -28,7 +28,9 @@ def build(out_dir: Path) -> None:
     from difftrain.formats.cosmos import COSMOS1, vae_to_native
     from difftrain.formats.cosmos_common import ORIGINAL_PREFIX
 
-    model = transformer(LATENT_CHANNELS, max_size=(4, 32, 32), rope_scale=(2.0, 1.0, 1.0),
+    # max_size (latent frames, height, width in patches) covers the tiny model's allowed set (modules/cosmos.py
+    # TINY_FRAMES, TINY_SIZES): 33 frames are 9 latent frames
+    model = transformer(LATENT_CHANNELS, max_size=(9, 32, 32), rope_scale=(2.0, 1.0, 1.0),
                         extra_pos_embed_type="learnable")
     native = COSMOS1.to_native(model.state_dict(), "the tiny Cosmos 1.0")
     torch.save({ORIGINAL_PREFIX + key: tensor for key, tensor in native.items()}, out_dir / FILES["transformer_path"])
