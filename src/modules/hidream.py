@@ -28,6 +28,7 @@ from difftrain.utils.atomic import save_safetensors
 
 from .base import DiffusionModule, skeleton
 from .flux import FluxEncoders
+from .nf4 import no_cpu_repacking
 
 LORA_FILE = "adapter_model.safetensors"
 TEXT_TOKENS = 128  # CLIP and T5 tokens: the official inference code's length for every text encoder
@@ -115,8 +116,10 @@ class HiDreamModule(DiffusionModule):
     def load_llama(self) -> LlamaForCausalLM:
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                           bnb_4bit_compute_dtype=self.compute_dtype) if self.llama3_4bit else None
-        return LlamaForCausalLM.from_pretrained(self.llama_dir, dtype=self.compute_dtype,
-                                                quantization_config=quantization, local_files_only=True)
+        llama = LlamaForCausalLM.from_pretrained(self.llama_dir, dtype=self.compute_dtype,
+                                                 quantization_config=quantization, local_files_only=True)
+        no_cpu_repacking(llama)
+        return llama
 
     def pipeline(self, **parts: Any) -> HiDreamImagePipeline:
         return HiDreamImagePipeline.from_pretrained(self.model_dir, tokenizer_4=self.load_llama_tokenizer(),

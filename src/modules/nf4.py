@@ -25,4 +25,15 @@ def nf4_linear(layer: torch.nn.Linear, compute_dtype: torch.dtype) -> bnb.nn.Lin
                                          quant_type="nf4").to(layer.weight.device)
     if layer.bias is not None:
         quantized.bias = torch.nn.Parameter(layer.bias.data.to(compute_dtype), requires_grad=False)
+    no_cpu_repacking(quantized)
     return quantized
+
+
+def no_cpu_repacking(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes from repacking the 4-bit weights of `model`. On CPUs with AVX512-BF16, an eval-mode call
+    without gradients (a frozen encoder, a preview) repacks a weight in place for faster CPU inference, and fails on
+    layer sizes it does not expect (fewer than 32 output rows, small input widths): tiny models, small gates. It
+    buys nothing on the GPU, where training runs."""
+    for layer in model.modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            layer.support_avx512bf16_for_cpu = False
