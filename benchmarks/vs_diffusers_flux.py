@@ -38,7 +38,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=2, help="(short, long) pairs per setting")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS / MKL_NUM_THREADS of every run")
     p.add_argument("--resolution", type=int, default=512, help="square image side in px")
-    p.add_argument("--images", type=int, default=16, help="training images (the bundled examples, resized)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--layers", type=int, default=2, help="double-stream blocks")
     p.add_argument("--single-layers", type=int, default=4, help="single-stream blocks")
@@ -47,11 +46,11 @@ def parse_args() -> argparse.Namespace:
 
 
 # --- the shared inputs: model folder, images, LoRA targets
-def write_images(folder: Path, count: int, side: int, captions: bool) -> Path:
-    """The bundled example images resized to side x side (no crop left to do), captioned PROMPT if `captions`
+def write_images(folder: Path, side: int, captions: bool) -> Path:
+    """The bundled example images (8) resized to side x side (no crop left to do), captioned PROMPT if `captions`
     (theirs reads every file in its folder as an image and takes the caption from --instance_prompt)."""
     folder.mkdir(parents=True)
-    for i, source in enumerate(sorted(EXAMPLE_IMAGES.glob("*.jpg"))[:count]):
+    for i, source in enumerate(sorted(EXAMPLE_IMAGES.glob("*.jpg"))):
         Image.open(source).convert("RGB").resize((side, side), Image.BICUBIC).save(folder / f"{i:03d}.png")
         if captions:
             (folder / f"{i:03d}.txt").write_text(PROMPT)
@@ -109,8 +108,8 @@ def timed_run(command: list[str], env: dict[str, str], out: Path) -> float:
 class Bench:
     def __init__(self, args, work: Path, model_dir: Path, lora_targets: list[str]):
         self.args, self.work, self.model_dir, self.lora_targets = args, work, model_dir, lora_targets
-        self.our_images = write_images(work / "images-captioned", args.images, args.resolution, captions=True)
-        self.their_images = write_images(work / "images", args.images, args.resolution, captions=False)
+        self.our_images = write_images(work / "images-captioned", args.resolution, captions=True)
+        self.their_images = write_images(work / "images", args.resolution, captions=False)
         self.env = run_env(args.threads, work)
         self.runs = 0
 
