@@ -77,6 +77,8 @@ def our_command(compiled: bool, steps: int, out: Path, args, model_dir: Path, im
 
 
 def their_command(steps: int, out: Path, args, model_dir: Path, images: Path, lora_targets: list[str]) -> list[str]:
+    """Our settings where theirs differ: LoRA alpha = rank and our layers, guidance 1, our optimizer's learning rate
+    (conf/optimizer/adamw.yaml), constant without warmup."""
     return [sys.executable, str(args.diffusers_script), f"--pretrained_model_name_or_path={model_dir}",
             f"--instance_data_dir={images}", f"--instance_prompt={PROMPT}", f"--output_dir={out}",
             f"--resolution={args.resolution}", "--train_batch_size=1", f"--rank={args.rank}",
