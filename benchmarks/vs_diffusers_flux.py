@@ -129,6 +129,9 @@ class Bench:
         """M / (T_long - T_short) at batch 1."""
         short = self.seconds(setting, self.args.short_steps)
         long = self.seconds(setting, self.args.long_steps)
+        if long <= short:
+            print(f"{setting}: the long run took no longer than the short one ({long:.0f} s, {short:.0f} s): the "
+                  "machine's load changed between them; its rate is meaningless", flush=True)
         return (self.args.long_steps - self.args.short_steps) / (long - short)
 
 
