@@ -5,6 +5,7 @@ here so `tests` imports the same way it does under pytest (`difftrain` is the in
 import argparse
 import logging
 import os
+import shutil
 import statistics
 import sys
 import warnings
@@ -18,8 +19,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported: no progress bars between the tables
 
 import torch  # noqa: E402
+from diffusers import FluxTransformer2DModel  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
+
+from difftrain.tiny import flux as tiny_flux  # noqa: E402
+from difftrain.tiny import tiny_model_dir  # noqa: E402
 
 from tests.conftest import EXAMPLE_IMAGES, compose_config  # noqa: E402,F401  (the config train.py sees)
 
@@ -36,6 +41,31 @@ def instantiate_module(cfg: DictConfig, target: Optional[str] = None):
     extra = {"_target_": target} if target else {}
     return instantiate(cfg.model, adapter=cfg.adapter, optimizer=cfg.optimizer, scheduler=cfg.scheduler,
                        eval_names=(), _recursive_=False, **extra)
+
+
+FLUX_LATENT_CHANNELS = 16  # 2x2-packed into 64 transformer input channels
+TINY_TEXT_WIDTH = tiny_flux.TRANSFORMER_CONFIG["joint_attention_dim"]  # the tiny Flux's T5 and pooled CLIP width
+
+
+def small_flux(layers: int, single_layers: int, heads: int, text_width: Optional[int] = None) -> FluxTransformer2DModel:
+    """A FLUX.1-dev-shaped transformer (guidance embedding, 64-dim heads, real RoPE split 16/24/24), random weights.
+    `text_width` is the T5 / pooled CLIP width it reads (default: its own width)."""
+    torch.manual_seed(0)
+    width = 64 * heads
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * FLUX_LATENT_CHANNELS, num_layers=layers,
+        num_single_layers=single_layers, attention_head_dim=64, num_attention_heads=heads,
+        joint_attention_dim=text_width or width, pooled_projection_dim=text_width or width, guidance_embeds=True,
+        axes_dims_rope=(16, 24, 24))
+
+
+def small_flux_pipeline_folder(transformer: FluxTransformer2DModel, root: Path) -> Path:
+    """A complete diffusers FluxPipeline folder: `transformer` beside the tiny test Flux's VAE, CLIP, T5, tokenizers
+    and scheduler (the transformer must read their widths: small_flux(..., text_width=TINY_TEXT_WIDTH))."""
+    tiny = tiny_model_dir("flux", tiny_flux.build)
+    shutil.copytree(tiny, root, ignore=shutil.ignore_patterns("transformer", tiny_flux.BFL_TRANSFORMER_FILE))
+    transformer.save_pretrained(root / "transformer", safe_serialization=True)
+    return root
 
 
 def bench_trainer(cfg: DictConfig, **overrides):

@@ -10,15 +10,15 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from _common import (add_threads_option, bench_trainer, compose_config, default_device, instantiate_module,
-                     limit_cpu_threads, median, print_table, quiet, synchronize, verdict)
+from _common import (FLUX_LATENT_CHANNELS, add_threads_option, bench_trainer, compose_config, default_device,
+                     instantiate_module, limit_cpu_threads, median, print_table, quiet, small_flux, synchronize,
+                     verdict)
 
 import torch
 from diffusers import FluxTransformer2DModel
 from lightning import Callback
 from torch.utils.data import DataLoader, Dataset
 
-LATENT_CHANNELS = 16
 TARGET_RATIO = 1.10
 
 
@@ -40,16 +40,6 @@ def parse_args() -> argparse.Namespace:
 
 
 # --- the model and its batch
-def small_flux(args: argparse.Namespace) -> FluxTransformer2DModel:
-    """A FLUX.1-dev-shaped transformer (guidance embedding, 64-dim heads, real RoPE split); ~10M params by default."""
-    torch.manual_seed(0)
-    width = 64 * args.heads
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=args.layers, num_single_layers=args.single_layers,
-        attention_head_dim=64, num_attention_heads=args.heads, joint_attention_dim=width,
-        pooled_projection_dim=width, guidance_embeds=True, axes_dims_rope=(16, 24, 24))
-
-
 def write_diffusers_folder(transformer: FluxTransformer2DModel, root: Path) -> Path:
     """Only the transformer subfolder: training from a cached batch never loads the VAE or text encoders."""
     transformer.save_pretrained(root / "transformer", safe_serialization=True)
@@ -60,7 +50,7 @@ def cached_batch(args: argparse.Namespace, config) -> dict:
     """What the datamodule's collate yields from the cache, with random values."""
     g = torch.Generator().manual_seed(0)
     b, side = args.batch_size, args.latent_size
-    return {"latents": torch.randn(b, LATENT_CHANNELS, side, side, generator=g),
+    return {"latents": torch.randn(b, FLUX_LATENT_CHANNELS, side, side, generator=g),
             "text": {"prompt_embeds": torch.randn(b, args.text_tokens, config.joint_attention_dim, generator=g),
                      "pooled_prompt_embeds": torch.randn(b, config.pooled_projection_dim, generator=g)}}
 
@@ -171,7 +161,7 @@ def main() -> None:
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
         work_dir = Path(tmp)
-        transformer = small_flux(args)
+        transformer = small_flux(args.layers, args.single_layers, args.heads)  # ~10M params by default
         model_dir = write_diffusers_folder(transformer, work_dir / "small-flux")
         cfg = compose(args, work_dir, model_dir, dtype)
         module = instantiate_module(cfg)
