@@ -37,6 +37,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--long-steps", type=int, default=35, help="S + M: optimizer steps of the long run")
     p.add_argument("--trials", type=int, default=2, help="(short, long) pairs per setting")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS / MKL_NUM_THREADS of every run")
+    p.add_argument("--compile", choices=("true", "max-autotune"), default="max-autotune",
+                   help="model.compile of the compiled setting")
     p.add_argument("--resolution", type=int, default=512, help="square image side in px")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--layers", type=int, default=2, help="double-stream blocks")
@@ -70,7 +72,7 @@ def our_command(compiled: bool, steps: int, out: Path, args, model_dir: Path, im
     return [sys.executable, str(ROOT / "train.py"), f"run_dir={out / 'run'}", f"outputs_root={out}",
             f"dataset.cache_dir={out / 'cache'}", "logger=none", "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false", "model=flux", f"model.diffusers_path={model_dir}",
-            "model.dtype=float32", f"model.compile={str(compiled).lower()}", f"dataset.path={images}",
+            "model.dtype=float32", f"model.compile={args.compile if compiled else 'false'}", f"dataset.path={images}",
             f"dataset.resolutions=[{args.resolution}]", "dataset.enable_ar_bucket=false", "adapter=lora",
             f"adapter.rank={args.rank}", f"trainer.max_steps={steps}", "trainer.max_epochs=-1", "seed=0",
             "save_every_n_epochs=null", f"save_every_n_steps={never}", f"checkpoint_every_n_steps={never}"]
@@ -150,7 +152,7 @@ def report(args, transformer, lora_targets: list[str], rates: dict[str, list[flo
     steps = args.long_steps - args.short_steps
     print_table(f"Steady-state samples/s (median of {args.trials}), small Flux ({params:,} transformer params, "
                 f"LoRA rank {args.rank} on {len(lora_targets)} Linear layers), {args.resolution} px, float32, "
-                f"batch 1, {args.threads} threads, {steps} steps ({args.long_steps} - {args.short_steps})",
+                f"batch 1, {args.threads} threads, model.compile={args.compile}, {steps} steps ({args.long_steps} - {args.short_steps})",
                 ["trainer", "samples/s", "min", "max"],
                 [[setting, median(r), min(r), max(r)] for setting, r in rates.items()])
     eager, compiled, theirs = (median(rates[s]) for s in SETTINGS)

@@ -1,7 +1,8 @@
 """model.compile=true (src/modules/compile.py): the tiny Flux trained 2 steps with its blocks compiled, one step in
 each of two buckets, with every block feature compile must combine with on at once (LoRA, fp8 storage, activation
-checkpointing, block swap on the CPU), against the same run in eager mode. One compiled run serves every assert: a
-first compile takes most of the test's time."""
+checkpointing, block swap on the CPU), against the same run in eager mode; and once more with
+model.compile=max-autotune. One run per setting serves every assert: a first compile takes most of the test's
+time."""
 import shutil
 
 import pytest
@@ -33,13 +34,14 @@ class CompiledGraphs(Callback):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{"eager": ..., "compiled": ...}: the same 2-step run without and with model.compile=true."""
+    """{"eager": ..., "compiled": ..., "autotuned": ...}: the same 2-step run with model.compile=false, true and
+    max-autotune."""
     data = tmp_path_factory.mktemp("one-image")
     for name in ("02_blue_triangle.jpg", "02_blue_triangle.txt"):  # square: one bucket per resolution
         shutil.copy(EXAMPLE_IMAGES / name, data)
     root = tmp_path_factory.mktemp("compile-runs")
     return {name: run(compose_config(root / name, *COMMON, f"dataset.path={data}", f"model.compile={compile}"))
-            for name, compile in (("eager", "false"), ("compiled", "true"))}
+            for name, compile in (("eager", "false"), ("compiled", "true"), ("autotuned", "max-autotune"))}
 
 
 def graphs_per_step(training_run) -> list[tuple[tuple[int, ...], int]]:
@@ -48,9 +50,10 @@ def graphs_per_step(training_run) -> list[tuple[tuple[int, ...], int]]:
     return callback.steps
 
 
-def test_compiled_training_exports_the_lora_of_eager_training(runs):
+@pytest.mark.parametrize("setting", ["compiled", "autotuned"])
+def test_compiled_training_exports_the_lora_of_eager_training(runs, setting):
     eager = load_file(runs["eager"].final_export / "pytorch_lora_weights.safetensors")
-    compiled = load_file(runs["compiled"].final_export / "pytorch_lora_weights.safetensors")
+    compiled = load_file(runs[setting].final_export / "pytorch_lora_weights.safetensors")
     assert eager.keys() == compiled.keys()
     assert any(t.abs().sum() > 0 for k, t in eager.items() if "lora_B" in k), "training changed no LoRA"
     for key in eager:

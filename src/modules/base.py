@@ -88,7 +88,10 @@ class DiffusionModule(LightningModule, ABC):
                  activation_checkpointing: Annotated[Literal[False, True, "offload"], Choices(listed=(
                      "true (recompute each block's activations in backward), offload (the same, with the block "
                      "inputs kept for it in CPU memory: the reference trainer's 'unsloth') or false"))] = False,
-                 blocks_to_swap: int = 0, compile: bool = False,
+                 blocks_to_swap: int = 0,
+                 compile: Annotated[Literal[False, True, "max-autotune"], Choices(listed=(
+                     "true (torch.compile each transformer block), max-autotune (the same, also timing "
+                     "candidate matmul kernels while compiling: slower to compile, faster steps) or false"))] = False,
                  adapter: Optional[DictConfig] = None,
                  optimizer: Optional[DictConfig] = None, scheduler: Optional[DictConfig] = None,
                  eval_names: tuple[str, ...] = (), seed: int = 0):
@@ -285,7 +288,7 @@ class DiffusionModule(LightningModule, ABC):
         if self.storage_dtype is not None:
             self._store_low_precision()
         if self.compiled_blocks:  # before checkpointing and block swap wrap the blocks (see compile.py)
-            compile_blocks(self.blocks())
+            compile_blocks(self.blocks(), autotune=self.compiled_blocks == "max-autotune")
         if self.blocks_to_swap:
             self.block_swap = self._swap_blocks()
         if self.activation_checkpointing:

@@ -26,9 +26,12 @@ OTHER_CAST_LAYERS = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.n
                      torch.nn.Embedding)
 
 
-def compile_blocks(blocks: list[torch.nn.Module]) -> None:
+def compile_blocks(blocks: list[torch.nn.Module], autotune: bool = False) -> None:
+    """`autotune` (model.compile=max-autotune): inductor also times candidate matmul kernels and keeps the fastest,
+    without CUDA graphs (block swap moves weights between steps, and shapes change between buckets)."""
+    mode = "max-autotune-no-cudagraphs" if autotune else None
     for block in blocks:
-        block.forward = torch.compile(block.forward, dynamic=True)
+        block.forward = torch.compile(block.forward, dynamic=True, mode=mode)
 
 
 def cast_in_graph(denoiser: torch.nn.Module, blocks: list[torch.nn.Module], storage_dtype: torch.dtype,
