@@ -283,8 +283,7 @@ class DiffusionModule(LightningModule, ABC):
         denoiser = self.load_denoiser()
         if self.nf4_base:  # before the LoRA, which wraps the 4-bit layers
             quantize_linears_nf4(denoiser, self.compute_dtype, keep=self.keep_in_high_precision)
-        denoiser = self._prepare_part("denoiser", denoiser, self.discarded_modules(denoiser))
-        self.denoiser = denoiser
+        self.denoiser = self._prepare_part("denoiser", denoiser, self.discarded_modules(denoiser))
         if self.storage_dtype is not None:
             self._store_low_precision()
         if self.compiled_blocks:  # before checkpointing and block swap wrap the blocks (see compile.py)

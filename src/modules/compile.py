@@ -46,7 +46,7 @@ def cast_in_graph(denoiser: torch.nn.Module, blocks: list[torch.nn.Module], stor
             if any(re.search(pattern, name) for pattern in keep_patterns):
                 continue
             if isinstance(layer, OTHER_CAST_LAYERS):
-                raise NotImplementedError(f"model.compile=true with fp8 storage: {name} ({type(layer).__name__}) "
+                raise NotImplementedError(f"model.compile with fp8 storage: {name} ({type(layer).__name__}) "
                                           f"has no in-graph cast; set model.compile=false.")
             if isinstance(layer, CAST_IN_GRAPH):
                 layer.to(storage_dtype)

@@ -15,6 +15,7 @@ def quantize_linears_nf4(model: torch.nn.Module, compute_dtype: torch.dtype, kee
         if isinstance(layer, torch.nn.Linear) and not any(re.search(pattern, name) for pattern in keep):
             parent, _, attribute = name.rpartition(".")
             setattr(model.get_submodule(parent), attribute, nf4_linear(layer, compute_dtype))
+    no_cpu_repacking(model)
 
 
 def nf4_linear(layer: torch.nn.Linear, compute_dtype: torch.dtype) -> bnb.nn.Linear4bit:
@@ -25,7 +26,6 @@ def nf4_linear(layer: torch.nn.Linear, compute_dtype: torch.dtype) -> bnb.nn.Lin
                                          quant_type="nf4").to(layer.weight.device)
     if layer.bias is not None:
         quantized.bias = torch.nn.Parameter(layer.bias.data.to(compute_dtype), requires_grad=False)
-    no_cpu_repacking(quantized)
     return quantized
 
 
