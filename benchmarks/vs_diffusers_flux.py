@@ -3,12 +3,12 @@ small Flux, images and LoRA: samples/s ours / theirs, with our `model.compile` o
 
 Both trainers run as they are meant to be run, as a whole command in a fresh process: ours `python train.py ...`,
 theirs `python <their script> ...` (never edited; its path is `--diffusers-script`, in diffusers' repository
-under examples/dreambooth). Each setting runs twice, for `--short-steps` S and `--long-steps` S + M optimizer
-steps; everything a run does once (imports, model loading, caching, compiling, saving) takes the same time in
-both, so M / (T_long - T_short) is its steady-state training rate (samples/s at batch 1), with no timer inside
-either trainer. The settings are interleaved in every trial, in alternating order, so that they see the same
-machine load, and the medians over `--trials` are compared. One untimed short compiled run first fills the
-inductor cache (a folder of this run's), so every timed compiled run pays the same warm-cache compile.
+under examples/dreambooth). Nothing is timed inside either: both log every optimizer step to TensorBoard by their
+own means (ours `logger=tensorboard`, theirs its default `--report_to=tensorboard`), and each event carries the
+wall time it was written at. The steady-state rate of a run is read off those times, after `--warmup` steps (the
+compile happens in the first): steps / seconds between the first and the last logged step of the window, and the
+median time between two consecutive steps (robust to a stall of the machine). The settings are interleaved in
+every trial, in alternating order, so that they see the same machine load; medians over `--trials` are compared.
 See benchmarks/README.md."""
 import argparse
 import os
@@ -16,13 +16,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from _common import (EXAMPLE_IMAGES, ROOT, TINY_TEXT_WIDTH, compose_config, instantiate_module, median,
                      print_table, small_flux, small_flux_pipeline_folder, verdict)
 
 from PIL import Image
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 SETTINGS = ("ours eager", "ours compiled", "theirs")
 TARGET_RATIO = 1.25  # ours compiled / theirs
@@ -33,11 +33,11 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--diffusers-script", type=Path, required=True,
                    help="diffusers' examples/dreambooth/train_dreambooth_lora_flux.py")
-    p.add_argument("--short-steps", type=int, default=5, help="S: optimizer steps of the short run")
-    p.add_argument("--long-steps", type=int, default=35, help="S + M: optimizer steps of the long run")
-    p.add_argument("--trials", type=int, default=2, help="(short, long) pairs per setting")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps of each run")
+    p.add_argument("--warmup", type=int, default=8, help="first steps left out of the rate (the compile is in them)")
+    p.add_argument("--trials", type=int, default=3, help="runs per setting")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS / MKL_NUM_THREADS of every run")
-    p.add_argument("--compile", choices=("true", "max-autotune"), default="max-autotune",
+    p.add_argument("--compile", choices=("true", "max-autotune"), default="true",
                    help="model.compile of the compiled setting")
     p.add_argument("--resolution", type=int, default=512, help="square image side in px")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
@@ -68,9 +68,9 @@ def our_lora_targets(work: Path, model_dir: Path, transformer) -> list[str]:
 # --- the two commands
 def our_command(compiled: bool, steps: int, out: Path, args, model_dir: Path, images: Path) -> list[str]:
     """Exports and checkpoints only at the end (a step count past the run), as theirs."""
-    never = 10 * args.long_steps
+    never = 10 * args.steps
     return [sys.executable, str(ROOT / "train.py"), f"run_dir={out / 'run'}", f"outputs_root={out}",
-            f"dataset.cache_dir={out / 'cache'}", "logger=none", "trainer.enable_progress_bar=false",
+            f"dataset.cache_dir={out / 'cache'}", "logger=tensorboard", "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false", "model=flux", f"model.diffusers_path={model_dir}",
             "model.dtype=float32", f"model.compile={args.compile if compiled else 'false'}", f"dataset.path={images}",
             f"dataset.resolutions=[{args.resolution}]", "dataset.enable_ar_bucket=false", "adapter=lora",
@@ -80,14 +80,14 @@ def our_command(compiled: bool, steps: int, out: Path, args, model_dir: Path, im
 
 def their_command(steps: int, out: Path, args, model_dir: Path, images: Path, lora_targets: list[str]) -> list[str]:
     """Our settings where theirs differ: LoRA alpha = rank and our layers, guidance 1, our optimizer's learning rate
-    (conf/optimizer/adamw.yaml), constant without warmup."""
+    (conf/optimizer/adamw.yaml), constant without warmup. It logs to TensorBoard by default."""
     return [sys.executable, str(args.diffusers_script), f"--pretrained_model_name_or_path={model_dir}",
             f"--instance_data_dir={images}", f"--instance_prompt={PROMPT}", f"--output_dir={out}",
             f"--resolution={args.resolution}", "--train_batch_size=1", f"--rank={args.rank}",
             f"--lora_alpha={args.rank}", f"--lora_layers={','.join(lora_targets)}", f"--max_train_steps={steps}",
             "--cache_latents", "--mixed_precision=no", "--guidance_scale=1", "--learning_rate=2e-4",
             "--lr_scheduler=constant", "--lr_warmup_steps=0", "--seed=0",
-            f"--checkpointing_steps={10 * args.long_steps}"]  # LoRA saved at the end only
+            f"--checkpointing_steps={10 * args.steps}"]  # LoRA saved at the end only
 
 
 def run_env(threads: int, work: Path) -> dict[str, str]:
@@ -95,17 +95,30 @@ def run_env(threads: int, work: Path) -> dict[str, str]:
             "TQDM_DISABLE": "1", "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache")}
 
 
-def timed_run(command: list[str], env: dict[str, str], out: Path) -> float:
-    """Wall time of the whole command; its output goes to <out>.log, shown if it fails."""
+def run_and_read_step_times(command: list[str], env: dict[str, str], out: Path) -> list[float]:
+    """Runs the whole command (its output goes to <out>.log, shown if it fails) and returns the wall time at which
+    it logged each optimizer step, read from the TensorBoard event files it wrote under `out`."""
     log = out.with_suffix(".log")
-    start = time.perf_counter()
     with log.open("w") as f:
         done = subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    seconds = time.perf_counter() - start
     if done.returncode:
         sys.exit(f"failed ({done.returncode}): {' '.join(command)}\n{log.read_text()[-5000:]}")
+    first_logged = {}
+    for events in sorted(out.rglob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(events)).Load():
+            if event.summary.value:
+                first_logged.setdefault(event.step, event.wall_time)
     shutil.rmtree(out, ignore_errors=True)  # the run's exports, caches and checkpoints
-    return seconds
+    return [first_logged[step] for step in sorted(first_logged)]
+
+
+def steady_rates(step_times: list[float], warmup: int) -> tuple[float, float]:
+    """(steps / seconds over the window after `warmup` steps, 1 / the median time between consecutive steps)."""
+    window = step_times[warmup:]
+    if len(window) < 3:
+        sys.exit(f"only {len(step_times)} logged steps: --steps must exceed --warmup by 3 or more")
+    gaps = [later - earlier for earlier, later in zip(window, window[1:])]
+    return len(gaps) / (window[-1] - window[0]), 1 / median(gaps)
 
 
 # --- the measurement
@@ -117,48 +130,41 @@ class Bench:
         self.env = run_env(args.threads, work)
         self.runs = 0
 
-    def seconds(self, setting: str, steps: int) -> float:
+    def rates(self, setting: str) -> tuple[float, float]:
         self.runs += 1
         out = self.work / f"run{self.runs:03d}"
         if setting == "theirs":
-            command = their_command(steps, out, self.args, self.model_dir, self.their_images, self.lora_targets)
+            command = their_command(self.args.steps, out, self.args, self.model_dir, self.their_images,
+                                    self.lora_targets)
         else:
-            command = our_command(setting == "ours compiled", steps, out, self.args, self.model_dir,
+            command = our_command(setting == "ours compiled", self.args.steps, out, self.args, self.model_dir,
                                   self.our_images)
-        return timed_run(command, self.env, out)
-
-    def samples_per_second(self, setting: str) -> float:
-        """M / (T_long - T_short) at batch 1."""
-        short = self.seconds(setting, self.args.short_steps)
-        long = self.seconds(setting, self.args.long_steps)
-        if long <= short:
-            print(f"{setting}: the long run took no longer than the short one ({long:.0f} s, {short:.0f} s): the "
-                  "machine's load changed between them; its rate is meaningless", flush=True)
-        return (self.args.long_steps - self.args.short_steps) / (long - short)
+        return steady_rates(run_and_read_step_times(command, self.env, out), self.args.warmup)
 
 
-def measure(bench: Bench, trials: int) -> dict[str, list[float]]:
-    bench.seconds("ours compiled", bench.args.short_steps)  # untimed: fills the inductor cache
+def measure(bench: Bench, trials: int) -> dict[str, list[tuple[float, float]]]:
     rates = {setting: [] for setting in SETTINGS}
     for trial in range(trials):
         for setting in SETTINGS if trial % 2 == 0 else SETTINGS[::-1]:
-            rates[setting].append(bench.samples_per_second(setting))
-            print(f"trial {trial + 1}: {setting}: {rates[setting][-1]:.3f} samples/s", flush=True)
+            rates[setting].append(bench.rates(setting))
+            window, per_step = rates[setting][-1]
+            print(f"trial {trial + 1}: {setting}: {window:.3f} samples/s (median step: {per_step:.3f})", flush=True)
     return rates
 
 
-def report(args, transformer, lora_targets: list[str], rates: dict[str, list[float]]) -> None:
+def report(args, transformer, lora_targets: list[str], rates: dict[str, list[tuple[float, float]]]) -> None:
     params = sum(p.numel() for p in transformer.parameters())
-    steps = args.long_steps - args.short_steps
-    print_table(f"Steady-state samples/s (median of {args.trials}), small Flux ({params:,} transformer params, "
+    window = {setting: [r[0] for r in runs] for setting, runs in rates.items()}
+    per_step = {setting: [r[1] for r in runs] for setting, runs in rates.items()}
+    print_table(f"Steady-state samples/s (median of {args.trials} runs), small Flux ({params:,} transformer params, "
                 f"LoRA rank {args.rank} on {len(lora_targets)} Linear layers), {args.resolution} px, float32, "
-                f"batch 1, {args.threads} threads, model.compile={args.compile}, {steps} steps ({args.long_steps} - {args.short_steps})",
-                ["trainer", "samples/s", "min", "max"],
-                [[setting, median(r), min(r), max(r)] for setting, r in rates.items()])
-    eager, compiled, theirs = (median(rates[s]) for s in SETTINGS)
-    print(f"\nratio ours eager / theirs:    {eager / theirs:.3f}")
-    print(f"ratio ours compiled / theirs: {compiled / theirs:.3f}  {verdict(compiled / theirs, TARGET_RATIO, False)}")
-    print(f"ratio compiled / eager:       {compiled / eager:.3f}")
+                f"batch 1, {args.threads} threads, model.compile={args.compile}, steps {args.warmup + 1}-{args.steps}",
+                ["trainer", "samples/s", "min", "max", "1 / median step"],
+                [[s, median(window[s]), min(window[s]), max(window[s]), median(per_step[s])] for s in SETTINGS])
+    for name, figures in (("samples/s", window), ("1 / median step", per_step)):
+        eager, compiled, theirs = (median(figures[s]) for s in SETTINGS)
+        print(f"\n{name}: ours eager / theirs {eager / theirs:.3f}, ours compiled / theirs {compiled / theirs:.3f}  "
+              f"{verdict(compiled / theirs, TARGET_RATIO, False)}, compiled / eager {compiled / eager:.3f}")
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from lightning import Callback
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
+from difftrain.modules.compile import regions_outside_blocks
 from difftrain.training import run
 from tests.conftest import EXAMPLE_IMAGES, compose_config
 
@@ -57,8 +58,10 @@ def test_compiled_training_exports_the_lora_of_eager_training(runs, setting):
     assert eager.keys() == compiled.keys()
     assert any(t.abs().sum() > 0 for k, t in eager.items() if "lora_B" in k), "training changed no LoRA"
     for key in eager:
-        # Inductor fuses and reorders fp32 reductions: measured differences up to 1.2e-5 after 2 steps.
-        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=3e-5, msg=key)
+        # Inductor fuses and reorders fp32 reductions, and computes the timestep sinusoids (arguments up to 1000,
+        # where one rounding moves the phase by ~1e-4) its own way: measured differences up to 5.4e-5 after 2 steps
+        # at this learning rate, on weights of ~0.02-0.2.
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-4, msg=key)
 
 
 def test_fp8_weights_stay_fp8_in_compiled_blocks(runs):
@@ -73,3 +76,13 @@ def test_blocks_are_compiled_once_and_a_second_bucket_compiles_nothing(runs):
     before = graphs_per_step(runs["eager"])[-1][1]
     assert graphs_after_first > before, "no block was compiled"
     assert graphs_after_second == graphs_after_first, "the second bucket recompiled"
+
+
+def test_top_level_modules_outside_the_blocks_are_compiled_unless_stored_in_fp8(runs):
+    module = runs["compiled"].module
+    outside = ["pos_embed", "time_text_embed", "context_embedder", "x_embedder", "norm_out", "proj_out"]
+    everything = regions_outside_blocks(module.denoiser, module.blocks(), keep_patterns=None)
+    assert [module.denoiser.get_submodule(name) for name in outside] == everything
+    # In fp8 storage a layer outside the patterns is cast by hooks that a graph would lose: its module stays eager.
+    kept = regions_outside_blocks(module.denoiser, module.blocks(), keep_patterns=(r"^proj_out$", r"^norm_out"))
+    assert kept == [module.denoiser.pos_embed, module.denoiser.norm_out, module.denoiser.proj_out]

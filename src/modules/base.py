@@ -27,7 +27,7 @@ from difftrain.tiny import tiny_model
 from .adapters import is_adapter_weight, part_prefix, peft_config, prepare_adapter, write_adapter
 from .block_swap import BlockSwap
 from .checkpointing import checkpoint_blocks
-from .compile import cast_in_graph, compile_blocks
+from .compile import cast_in_graph, compile_regions, regions_outside_blocks
 from .nf4 import quantize_linears_nf4
 from .noise_schedules import FlowMatching
 from .timesteps import TimestepSampler
@@ -287,7 +287,9 @@ class DiffusionModule(LightningModule, ABC):
         if self.storage_dtype is not None:
             self._store_low_precision()
         if self.compiled_blocks:  # before checkpointing and block swap wrap the blocks (see compile.py)
-            compile_blocks(self.blocks(), autotune=self.compiled_blocks == "max-autotune")
+            keep = self.kept_in_compute_dtype if self.storage_dtype is not None else None
+            others = regions_outside_blocks(self.denoiser, self.blocks(), keep)
+            compile_regions([*self.blocks(), *others], autotune=self.compiled_blocks == "max-autotune")
         if self.blocks_to_swap:
             self.block_swap = self._swap_blocks()
         if self.activation_checkpointing:
@@ -302,8 +304,13 @@ class DiffusionModule(LightningModule, ABC):
             shard_parts(self.model_parts(), self.checkpointed_blocks(), self.device_mesh["data_parallel"],
                         self.compute_dtype)
 
+    @property
+    def kept_in_compute_dtype(self) -> tuple[str, ...]:
+        """Name patterns of the layers low-precision storage leaves alone."""
+        return (*self.keep_in_high_precision, "lora_")
+
     def _store_low_precision(self) -> None:
-        keep = (*self.keep_in_high_precision, "lora_")
+        keep = self.kept_in_compute_dtype
         compiled = (cast_in_graph(self.denoiser, self.blocks(), self.storage_dtype, self.compute_dtype, keep)
                     if self.compiled_blocks else ())
         # The hook directly, not model.enable_layerwise_casting: that also skips every module whose name
