@@ -1,4 +1,4 @@
-"""Steady-state training step time with model.compile=true over eager, for Flux, SDXL and Wan.
+"""Steady-state training step time with model.compile=true over eager, for Flux and Wan.
 
 Each measurement is a real training run (`difftrain.training.run`, the config composed as train.py composes it)
 of the family's tiny model on the example images at one square resolution, LoRA, float32, batch 1; a callback
@@ -19,7 +19,6 @@ from difftrain.training import run
 
 # family -> (model group overrides, square resolution in px)
 FAMILIES = {"flux": (("model=flux_tiny",), 512),
-            "sdxl": (("model=sdxl_tiny",), 512),
             "wan": (("model=wan21_t2v", "model.tiny=true", "model.dtype=float32"), 512)}
 
 

@@ -11,6 +11,7 @@ from lightning import Callback
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
+from difftrain.config.errors import ConfigError
 from difftrain.modules.compile import regions_outside_blocks
 from difftrain.training import run
 from tests.conftest import EXAMPLE_IMAGES, compose_config
@@ -86,3 +87,9 @@ def test_top_level_modules_outside_the_blocks_are_compiled_unless_stored_in_fp8(
     # In fp8 storage a layer outside the patterns is cast by hooks that a graph would lose: its module stays eager.
     kept = regions_outside_blocks(module.denoiser, module.blocks(), keep_patterns=(r"^proj_out$", r"^norm_out"))
     assert kept == [module.denoiser.pos_embed, module.denoiser.norm_out, module.denoiser.proj_out]
+
+
+def test_a_family_that_lists_no_blocks_refuses_compile_before_caching(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.compile=true: SDXLModule does not list its transformer blocks"):
+        run(compose_config(tmp_path / "run", "model=sdxl_tiny", "model.compile=true"))
+    assert not (tmp_path / "cache").exists()

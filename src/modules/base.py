@@ -90,8 +90,9 @@ class DiffusionModule(LightningModule, ABC):
                      "inputs kept for it in CPU memory: the reference trainer's 'unsloth') or false"))] = False,
                  blocks_to_swap: int = 0,
                  compile: Annotated[Literal[False, True, "max-autotune"], Choices(listed=(
-                     "true (torch.compile each transformer block), max-autotune (the same, also timing "
-                     "candidate matmul kernels while compiling: slower to compile, faster steps) or false"))] = False,
+                     "true (torch.compile each transformer block, and each module around them), max-autotune "
+                     "(the same, also timing candidate matmul kernels while compiling: slower to compile) or "
+                     "false"))] = False,
                  adapter: Optional[DictConfig] = None,
                  optimizer: Optional[DictConfig] = None, scheduler: Optional[DictConfig] = None,
                  eval_names: tuple[str, ...] = (), seed: int = 0):
@@ -121,6 +122,10 @@ class DiffusionModule(LightningModule, ABC):
         if self.lora_only and not self.is_lora:
             raise ConfigError(f"model={self.cache_name} trains LoRAs only (no full fine-tune, as the reference "
                               f"trainer): use adapter=lora.")
+        if self.compiled_blocks and not self.block_lists:
+            raise ConfigError(f"model.compile={str(self.compiled_blocks).lower()}: {type(self).__name__} does not "
+                              f"list its transformer blocks (block_lists), the regions model.compile compiles. Use "
+                              f"model.compile=false.")
 
     def build_tiny_models(self) -> None:
         """With model.tiny=true, build (once, into the tiny cache) every tiny model the family reads. Runs before
