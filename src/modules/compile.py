@@ -2,7 +2,7 @@
 `compile_repeated_blocks`. Blocks of one class run the same code object, and torch inlines module attributes as
 graph inputs, so they share one compiled graph: a compile costs a few blocks, not the whole denoiser. The
 denoiser's other top-level modules (embedders, final norm and projection) are compiled as regions of their own:
-small graphs, and on the small Flux of benchmarks/vs_diffusers_flux.py 5% of the step time that blocks alone leave.
+small graphs, which took 1-5% off the step time of blocks alone on the small Flux of benchmarks/compile_regions.py.
 
 The compiled forward is the block's innermost call: LoRA layers and fp8 casts (inside the block) are traced into
 it; activation checkpointing (which wraps `block.forward` afterwards) and block swap (module hooks, run by
