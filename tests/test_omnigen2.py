@@ -38,7 +38,11 @@ def test_forward_matches_the_upstream_implementation(upstream):
     with torch.no_grad():
         output = model(tensors["input.latents"], tensors["input.timestep"], tensors["input.text"],
                        tensors["input.text_mask"])
-    torch.testing.assert_close(output, tensors["output"], rtol=1e-5, atol=1e-5)
+    # The fixture is upstream's float32 output on the machine that made it, with weights of std 0.3 that amplify
+    # rounding: ours matched it to 2.9e-6 there and differs by 8.3e-5 on a machine where ours agrees with our
+    # float64 result to 5.7e-6 (outputs up to 19). Wrong math is far off: a text mask all true moves the output by
+    # 1.6, a timestep 1e-3 later by 4.7.
+    torch.testing.assert_close(output, tensors["output"], rtol=1e-5, atol=2e-4)
 
 
 def test_reads_the_original_folder_and_trains_with_upstreams_flow_matching_loss(make_config):
