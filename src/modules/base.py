@@ -292,9 +292,10 @@ class DiffusionModule(LightningModule, ABC):
         if self.storage_dtype is not None:
             self._store_low_precision()
         if self.compiled_blocks:  # before checkpointing and block swap wrap the blocks (see compile.py)
+            blocks = self.blocks()
             keep = self.kept_in_compute_dtype if self.storage_dtype is not None else None
-            others = regions_outside_blocks(self.denoiser, self.blocks(), keep)
-            compile_regions([*self.blocks(), *others], autotune=self.compiled_blocks == "max-autotune")
+            others = regions_outside_blocks(self.denoiser, blocks, keep)
+            compile_regions([*blocks, *others], autotune=self.compiled_blocks == "max-autotune")
         if self.blocks_to_swap:
             self.block_swap = self._swap_blocks()
         if self.activation_checkpointing:

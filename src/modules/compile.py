@@ -49,11 +49,16 @@ def regions_outside_blocks(denoiser: torch.nn.Module, blocks: list[torch.nn.Modu
         layers = list(child.named_modules(prefix=name))
         if any(id(layer) in block_ids for _, layer in layers):
             continue
-        stored_low = [layer_name for layer_name, layer in layers if isinstance(layer, (*CAST_IN_GRAPH, *OTHER_CAST_LAYERS))
-                      and not any(re.search(pattern, layer_name) for pattern in keep_patterns or ())]
-        if keep_patterns is None or not stored_low:
+        if keep_patterns is None or not any(_cast_when_stored_low(*named, keep_patterns) for named in layers):
             regions.append(child)
     return regions
+
+
+def _cast_when_stored_low(name: str, layer: torch.nn.Module, keep_patterns: tuple[str, ...]) -> bool:
+    """Whether low-precision storage casts this layer: a layer type diffusers' layerwise casting handles, whose
+    name matches no `keep_patterns` regex."""
+    return (isinstance(layer, (*CAST_IN_GRAPH, *OTHER_CAST_LAYERS))
+            and not any(re.search(pattern, name) for pattern in keep_patterns))
 
 
 def cast_in_graph(denoiser: torch.nn.Module, blocks: list[torch.nn.Module], storage_dtype: torch.dtype,
@@ -65,14 +70,13 @@ def cast_in_graph(denoiser: torch.nn.Module, blocks: list[torch.nn.Module], stor
     names = [name for name, module in denoiser.named_modules() if id(module) in wanted]
     for block_name in names:
         for name, layer in denoiser.get_submodule(block_name).named_modules(prefix=block_name):
-            if any(re.search(pattern, name) for pattern in keep_patterns):
+            if not _cast_when_stored_low(name, layer, keep_patterns):
                 continue
             if isinstance(layer, OTHER_CAST_LAYERS):
                 raise NotImplementedError(f"model.compile with fp8 storage: {name} ({type(layer).__name__}) "
                                           f"has no in-graph cast; set model.compile=false.")
-            if isinstance(layer, CAST_IN_GRAPH):
-                layer.to(storage_dtype)
-                layer.forward = partial(_forward_from_cast_weights, layer, compute_dtype)
+            layer.to(storage_dtype)
+            layer.forward = partial(_forward_from_cast_weights, layer, compute_dtype)
     return tuple(f"^{re.escape(name)}$" for name in names)
 
 
