@@ -1,8 +1,8 @@
 """model.compile=true (src/modules/compile.py): the tiny Flux trained 2 steps with its blocks compiled, one step in
 each of two buckets, with every block feature compile must combine with on at once (LoRA, fp8 storage, activation
-checkpointing, block swap on the CPU), against the same run in eager mode; and once more with
-model.compile=max-autotune. One run per setting serves every assert: a first compile takes most of the test's
-time."""
+checkpointing, block swap on the CPU), against the same run in eager mode; once more with
+model.compile=max-autotune; and with model.compile=whole (one graph: LoRA and fp8 storage, which is all it takes).
+One run per setting serves every assert: a first compile takes most of the test's time."""
 import shutil
 
 import pytest
@@ -34,16 +34,22 @@ class CompiledGraphs(Callback):
         self.steps.append((tuple(batch["latents"].shape), counters["stats"]["unique_graphs"]))
 
 
+# Run in this order: each run's graph count starts from the one before it
+SETTINGS = {"eager": ("model.compile=false",), "compiled": ("model.compile=true",),
+            "autotuned": ("model.compile=max-autotune",),
+            # Block swap on the CPU and checkpointing change no number: the eager run stands for this one too
+            "whole": ("model.compile=whole", "model.blocks_to_swap=0", "model.activation_checkpointing=false")}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{"eager": ..., "compiled": ..., "autotuned": ...}: the same 2-step run with model.compile=false, true and
-    max-autotune."""
+    """{setting: run}: the same 2-step run with each of SETTINGS."""
     data = tmp_path_factory.mktemp("one-image")
     for name in ("02_blue_triangle.jpg", "02_blue_triangle.txt"):  # square: one bucket per resolution
         shutil.copy(EXAMPLE_IMAGES / name, data)
     root = tmp_path_factory.mktemp("compile-runs")
-    return {name: run(compose_config(root / name, *COMMON, f"dataset.path={data}", f"model.compile={compile}"))
-            for name, compile in (("eager", "false"), ("compiled", "true"), ("autotuned", "max-autotune"))}
+    return {name: run(compose_config(root / name, *COMMON, f"dataset.path={data}", *overrides))
+            for name, overrides in SETTINGS.items()}
 
 
 def graphs_per_step(training_run) -> list[tuple[tuple[int, ...], int]]:
@@ -52,7 +58,7 @@ def graphs_per_step(training_run) -> list[tuple[tuple[int, ...], int]]:
     return callback.steps
 
 
-@pytest.mark.parametrize("setting", ["compiled", "autotuned"])
+@pytest.mark.parametrize("setting", ["compiled", "autotuned", "whole"])
 def test_compiled_training_exports_the_lora_of_eager_training(runs, setting):
     eager = load_file(runs["eager"].final_export / "pytorch_lora_weights.safetensors")
     compiled = load_file(runs[setting].final_export / "pytorch_lora_weights.safetensors")
@@ -65,17 +71,20 @@ def test_compiled_training_exports_the_lora_of_eager_training(runs, setting):
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-4, msg=key)
 
 
-def test_fp8_weights_stay_fp8_in_compiled_blocks(runs):
-    block = runs["compiled"].module.blocks()[0]
+@pytest.mark.parametrize("setting", ["compiled", "whole"])
+def test_fp8_weights_stay_fp8_in_compiled_graphs(runs, setting):
+    block = runs[setting].module.blocks()[0]
     base_layer = block.attn.to_q.base_layer  # the LoRA wraps the fp8 linear
     assert base_layer.weight.dtype == torch.float8_e4m3fn
 
 
-def test_blocks_are_compiled_once_and_a_second_bucket_compiles_nothing(runs):
-    (first_shape, graphs_after_first), (second_shape, graphs_after_second) = graphs_per_step(runs["compiled"])
+@pytest.mark.parametrize("setting", ["compiled", "whole"])
+def test_compiled_once_and_a_second_bucket_compiles_nothing(runs, setting):
+    (first_shape, graphs_after_first), (second_shape, graphs_after_second) = graphs_per_step(runs[setting])
     assert first_shape != second_shape, "the two steps should come from two buckets"
-    before = graphs_per_step(runs["eager"])[-1][1]
-    assert graphs_after_first > before, "no block was compiled"
+    previous = list(SETTINGS)[list(SETTINGS).index(setting) - 1]
+    before = graphs_per_step(runs[previous])[-1][1]
+    assert graphs_after_first > before, "nothing was compiled"
     assert graphs_after_second == graphs_after_first, "the second bucket recompiled"
 
 
@@ -87,6 +96,14 @@ def test_top_level_modules_outside_the_blocks_are_compiled_unless_stored_in_fp8(
     # In fp8 storage a layer outside the patterns is cast by hooks that a graph would lose: its module stays eager.
     kept = regions_outside_blocks(module.denoiser, module.blocks(), keep_patterns=(r"^proj_out$", r"^norm_out"))
     assert kept == [module.denoiser.pos_embed, module.denoiser.norm_out, module.denoiser.proj_out]
+
+
+@pytest.mark.parametrize("feature", ["model.blocks_to_swap=2", "model.activation_checkpointing=offload"])
+def test_whole_denoiser_compile_refuses_per_block_features_before_caching(tmp_path, feature):
+    name, value = feature.split("=")
+    with pytest.raises(ConfigError, match=rf"model.compile=whole with {name}={value}: .* Use model.compile=true"):
+        run(compose_config(tmp_path / "run", "model=flux_tiny", "model.compile=whole", feature))
+    assert not (tmp_path / "cache").exists()
 
 
 def test_a_family_that_lists_no_blocks_refuses_compile_before_caching(tmp_path):

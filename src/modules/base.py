@@ -4,7 +4,7 @@ optimizer groups, logging, eval loss and checkpoint trimming live here once."""
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Protocol
 
@@ -89,10 +89,11 @@ class DiffusionModule(LightningModule, ABC):
                      "true (recompute each block's activations in backward), offload (the same, with the block "
                      "inputs kept for it in CPU memory: the reference trainer's 'unsloth') or false"))] = False,
                  blocks_to_swap: int = 0,
-                 compile: Annotated[Literal[False, True, "max-autotune"], Choices(listed=(
+                 compile: Annotated[Literal[False, True, "max-autotune", "whole"], Choices(listed=(
                      "true (torch.compile each transformer block, and each module around them), max-autotune "
-                     "(the same, also timing candidate matmul kernels while compiling: slower to compile) or "
-                     "false"))] = False,
+                     "(the same, also timing candidate matmul kernels while compiling: slower to compile), whole "
+                     "(the denoiser as one graph: faster steps, a compile that grows with depth; no block swap, "
+                     "activation checkpointing or FSDP) or false"))] = False,
                  adapter: Optional[DictConfig] = None,
                  optimizer: Optional[DictConfig] = None, scheduler: Optional[DictConfig] = None,
                  eval_names: tuple[str, ...] = (), seed: int = 0):
@@ -106,7 +107,7 @@ class DiffusionModule(LightningModule, ABC):
         self.activation_checkpointing = activation_checkpointing
         self.blocks_to_swap = blocks_to_swap
         self.block_swap: Optional[BlockSwap] = None
-        self.compiled_blocks = compile  # regional compilation (compile.py)
+        self.compiled_blocks = compile  # regional or whole-denoiser compilation (compile.py)
         self.adapter_cfg = adapter
         self.optimizer_cfg = optimizer
         self.scheduler_cfg = scheduler
@@ -126,6 +127,12 @@ class DiffusionModule(LightningModule, ABC):
             raise ConfigError(f"model.compile={str(self.compiled_blocks).lower()}: {type(self).__name__} does not "
                               f"list its transformer blocks (block_lists), the regions model.compile compiles. Use "
                               f"model.compile=false.")
+        per_block = {"blocks_to_swap": self.blocks_to_swap, "activation_checkpointing": self.activation_checkpointing}
+        if self.compiled_blocks == "whole" and any(per_block.values()):
+            name, value = next((name, value) for name, value in per_block.items() if value)
+            raise ConfigError(f"model.compile=whole with model.{name}={str(value).lower()}: torch cannot trace it "
+                              f"into one graph of the whole denoiser. Use model.compile=true (each block compiled, "
+                              f"{name} around them).")
 
     def build_tiny_models(self) -> None:
         """With model.tiny=true, build (once, into the tiny cache) every tiny model the family reads. Runs before
@@ -285,6 +292,9 @@ class DiffusionModule(LightningModule, ABC):
     def configure_model(self) -> None:
         if self.denoiser is not None:
             return
+        if self.compiled_blocks == "whole" and self.device_mesh is not None:
+            raise ConfigError("model.compile=whole with trainer=fsdp: FSDP's per-block hooks would run inside the "
+                              "one graph. Use model.compile=true (each block compiled, the hooks stay outside).")
         denoiser = self.load_denoiser()
         if self.nf4_base:  # before the LoRA, which wraps the 4-bit layers
             quantize_linears_nf4(denoiser, self.compute_dtype, keep=self.keep_in_high_precision)
@@ -292,10 +302,7 @@ class DiffusionModule(LightningModule, ABC):
         if self.storage_dtype is not None:
             self._store_low_precision()
         if self.compiled_blocks:  # before checkpointing and block swap wrap the blocks (see compile.py)
-            blocks = self.blocks()
-            keep = self.kept_in_compute_dtype if self.storage_dtype is not None else None
-            others = regions_outside_blocks(self.denoiser, blocks, keep)
-            compile_regions([*blocks, *others], autotune=self.compiled_blocks == "max-autotune")
+            compile_regions(self._compiled_regions(), autotune=self.compiled_blocks == "max-autotune")
         if self.blocks_to_swap:
             self.block_swap = self._swap_blocks()
         if self.activation_checkpointing:
@@ -310,6 +317,13 @@ class DiffusionModule(LightningModule, ABC):
             shard_parts(self.model_parts(), self.checkpointed_blocks(), self.device_mesh["data_parallel"],
                         self.compute_dtype)
 
+    def _compiled_regions(self) -> list[torch.nn.Module]:
+        if self.compiled_blocks == "whole":
+            return [self.denoiser]
+        blocks = self.blocks()
+        keep = self.kept_in_compute_dtype if self.storage_dtype is not None else None
+        return [*blocks, *regions_outside_blocks(self.denoiser, blocks, keep)]
+
     @property
     def kept_in_compute_dtype(self) -> tuple[str, ...]:
         """Name patterns of the layers low-precision storage leaves alone."""
@@ -317,7 +331,9 @@ class DiffusionModule(LightningModule, ABC):
 
     def _store_low_precision(self) -> None:
         keep = self.kept_in_compute_dtype
-        compiled = (cast_in_graph(self.denoiser, self.blocks(), self.storage_dtype, self.compute_dtype, keep)
+        # The layers inside a compiled graph cast in it (compile.py): the blocks', or all with one graph
+        in_graph = [self.denoiser] if self.compiled_blocks == "whole" else self.blocks()
+        compiled = (cast_in_graph(self.denoiser, in_graph, self.storage_dtype, self.compute_dtype, keep)
                     if self.compiled_blocks else ())
         # The hook directly, not model.enable_layerwise_casting: that also skips every module whose name
         # contains "norm" (all of Flux's modulation linears), where the family's own list should decide.
@@ -340,7 +356,7 @@ class DiffusionModule(LightningModule, ABC):
                               f"{type(self).__name__} lists no blocks to checkpoint (block_lists). Use "
                               f"model.activation_checkpointing=false.")
         checkpoint_blocks(blocks, offload=self.activation_checkpointing == "offload",
-                          recompute_context=self.block_swap.recompute if self.block_swap else nullcontext)
+                          recompute_context=self.block_swap.recompute if self.block_swap else None)
 
     def _swap_blocks(self) -> BlockSwap:
         blocks, count = self.blocks(), self.blocks_to_swap

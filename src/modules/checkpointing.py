@@ -10,7 +10,7 @@ block, which is recomputed. Keyword arguments are therefore bound to positions f
 import inspect
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch.autograd.graph import save_on_cpu
@@ -18,20 +18,22 @@ from torch.utils.checkpoint import checkpoint
 
 
 def checkpoint_blocks(blocks: list[torch.nn.Module], offload: bool = False,
-                      recompute_context: Callable[[], AbstractContextManager] = nullcontext) -> None:
-    """Make every block recompute its activations in backward; the recompute runs inside `recompute_context()`.
-    The block is still called through its module hooks (block swap's) on the first forward only."""
+                      recompute_context: Optional[Callable[[], AbstractContextManager]] = None) -> None:
+    """Make every block recompute its activations in backward; the recompute runs inside `recompute_context()`
+    where one is given (torch.compile cannot trace a checkpoint given a context). The block is still called
+    through its module hooks (block swap's) on the first forward only."""
     for block in blocks:
         forward = block.forward
         block.forward = partial(_checkpointed, forward, inspect.signature(forward), offload, recompute_context)
 
 
 def _checkpointed(forward: Callable, signature: inspect.Signature, offload: bool,
-                  recompute_context: Callable[[], AbstractContextManager], *args: Any, **kwargs: Any) -> Any:
+                  recompute_context: Optional[Callable[[], AbstractContextManager]], *args: Any,
+                  **kwargs: Any) -> Any:
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
     bound = signature.bind(*args, **kwargs)
+    context = {} if recompute_context is None else {"context_fn": lambda: (nullcontext(), recompute_context())}
     saved_inputs = save_on_cpu(pin_memory=torch.cuda.is_available()) if offload else nullcontext()
     with saved_inputs:
-        return checkpoint(forward, *bound.args, use_reentrant=False,
-                          context_fn=lambda: (nullcontext(), recompute_context()), **bound.kwargs)
+        return checkpoint(forward, *bound.args, use_reentrant=False, **context, **bound.kwargs)
