@@ -151,6 +151,8 @@ def test_tested_strategy_presets_are_accepted(make_config, preset):
     (["trainer=fsdp", "model.blocks_to_swap=2"], "model.blocks_to_swap=2 keeps whole blocks in CPU memory, which "
                                                  "trainer=fsdp cannot shard"),
     (["trainer=deepspeed", "model.blocks_to_swap=2"], "trainer=deepspeed cannot shard"),
+    (["trainer=fsdp", "model.compile=whole"], "model.compile=whole puts trainer=fsdp's per-block hooks inside one "
+                                              "graph: use model.compile=true"),
     (["trainer=fsdp", "optimizer.gradient_release=true", "trainer.gradient_clip_val=0"],
      "optimizer.gradient_release=true steps each weight during backward, before trainer=fsdp"),
     (["trainer=fsdp", "sample_prompts=[a cat]", "sample_every_n_steps=1"], "under trainer=fsdp every rank holds"),

@@ -36,6 +36,9 @@ def _check_sharded(cfg: DictConfig, preset: str) -> None:
     if cfg.model.get("blocks_to_swap"):
         raise ConfigError(f"model.blocks_to_swap={cfg.model.blocks_to_swap} keeps whole blocks in CPU memory, which "
                           f"trainer={preset} cannot shard: {fix}, or set model.blocks_to_swap=0.")
+    if cfg.model.get("compile") == "whole":
+        raise ConfigError(f"model.compile=whole puts trainer={preset}'s per-block hooks inside one graph: use "
+                          f"model.compile=true (each block compiled, the hooks outside), or {fix}.")
     if cfg.optimizer.get("gradient_release"):
         raise ConfigError(f"optimizer.gradient_release=true steps each weight during backward, before trainer="
                           f"{preset} has reduced its gradient shards: {fix}, or turn it off.")

@@ -292,9 +292,6 @@ class DiffusionModule(LightningModule, ABC):
     def configure_model(self) -> None:
         if self.denoiser is not None:
             return
-        if self.compiled_blocks == "whole" and self.device_mesh is not None:
-            raise ConfigError("model.compile=whole with trainer=fsdp: FSDP's per-block hooks would run inside the "
-                              "one graph. Use model.compile=true (each block compiled, the hooks stay outside).")
         denoiser = self.load_denoiser()
         if self.nf4_base:  # before the LoRA, which wraps the 4-bit layers
             quantize_linears_nf4(denoiser, self.compute_dtype, keep=self.keep_in_high_precision)
