@@ -1,10 +1,10 @@
 """Step time of each choice of compiled regions, in one process, the settings' steps interleaved one by one so that
 they see the same machine load: eager; the transformer blocks alone; the blocks and the modules around them (what
-model.compile=true compiles); the whole denoiser as one graph; and --autotune adds the blocks and modules around
-them with max-autotune. The small Flux of vs_diffusers_flux.py (9.2M parameters) loaded by the real FluxModule,
-LoRA, float32; each step is a bare training step (step_overhead.py) on one random cached batch, by default 512 px
-(1,024 image tokens) with 512 text tokens as Flux's pipeline pads them. Prints each setting's median step time
-after --warmup steps, and its ratio to eager and to the blocks alone."""
+model.compile=true compiles); the whole denoiser as one graph (model.compile=whole); and --autotune adds
+model.compile=max-autotune. The small Flux of vs_diffusers_flux.py (9.2M parameters) loaded by the real
+FluxModule, LoRA, float32; each step is a bare training step (step_overhead.py) on one random cached batch, by
+default 512 px (1,024 image tokens) with 512 text tokens as Flux's pipeline pads them. Prints each setting's median
+step time after --warmup steps, and its ratio to eager and to the blocks alone."""
 import argparse
 import tempfile
 from pathlib import Path
@@ -40,13 +40,11 @@ def config(work: Path, model_dir: Path, compile: str, rank: int):
 
 def compiled_module(cfg, regions: str):
     """A FluxModule set up as training.run sets it up (LoRA, model.compile from the config), then compiled by
-    `regions`: "blocks", "whole", or "config" (model.compile as configured)."""
+    `regions`: "blocks", or "config" (model.compile as configured)."""
     module = instantiate_module(cfg)
     module.configure_model()
     if regions == "blocks":
         compile_regions(module.blocks())
-    elif regions == "whole":
-        compile_regions([module.denoiser])
     return module
 
 
@@ -57,7 +55,7 @@ def settings(args, work: Path, model_dir: Path) -> dict[str, object]:
     chosen = {"eager": compiled_module(cfg_for("false"), "config"),
               "blocks": compiled_module(cfg_for("false"), "blocks"),
               "model.compile=true": compiled_module(cfg_for("true"), "config"),
-              "whole denoiser": compiled_module(cfg_for("false"), "whole")}
+              "model.compile=whole": compiled_module(cfg_for("whole"), "config")}
     if args.autotune:
         chosen["model.compile=max-autotune"] = compiled_module(cfg_for("max-autotune"), "config")
     return chosen

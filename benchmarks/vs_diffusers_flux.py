@@ -1,5 +1,6 @@
 """Steady-state training throughput of our trainer vs diffusers' own `train_dreambooth_lora_flux.py`, on the same
-small Flux, images and LoRA: samples/s ours / theirs, with our `model.compile` off (eager) and on (compiled).
+small Flux, images and LoRA: samples/s ours / theirs, with our `model.compile` off (eager) and on (`--compile`:
+true, per block, and whole, one graph, by default).
 
 Both trainers run as they are meant to be run, as a whole command in a fresh process: ours `python train.py ...`,
 theirs `python <their script> ...` (never edited; its path is `--diffusers-script`, in diffusers' repository
@@ -24,7 +25,6 @@ from _common import (EXAMPLE_IMAGES, ROOT, TINY_TEXT_WIDTH, compose_config, inst
 from PIL import Image
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-SETTINGS = ("ours eager", "ours compiled", "theirs")
 TARGET_RATIO = 1.25  # ours compiled / theirs
 PROMPT = "a photo of sks shape"
 
@@ -37,8 +37,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=8, help="first steps left out of the rate (the compile is in them)")
     p.add_argument("--trials", type=int, default=3, help="runs per setting")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS / MKL_NUM_THREADS of every run")
-    p.add_argument("--compile", choices=("true", "max-autotune"), default="true",
-                   help="model.compile of the compiled setting")
+    p.add_argument("--compile", nargs="+", choices=("true", "max-autotune", "whole"), default=["true", "whole"],
+                   help="model.compile of each compiled setting")
     p.add_argument("--resolution", type=int, default=512, help="square image side in px")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--layers", type=int, default=2, help="double-stream blocks")
@@ -66,13 +66,13 @@ def our_lora_targets(work: Path, model_dir: Path, transformer) -> list[str]:
 
 
 # --- the two commands
-def our_command(compiled: bool, steps: int, out: Path, args, model_dir: Path, images: Path) -> list[str]:
+def our_command(compile: str, steps: int, out: Path, args, model_dir: Path, images: Path) -> list[str]:
     """Exports and checkpoints only at the end (a step count past the run), as theirs."""
     never = 10 * args.steps
     return [sys.executable, str(ROOT / "train.py"), f"run_dir={out / 'run'}", f"outputs_root={out}",
             f"dataset.cache_dir={out / 'cache'}", "logger=tensorboard", "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false", "model=flux", f"model.diffusers_path={model_dir}",
-            "model.dtype=float32", f"model.compile={args.compile if compiled else 'false'}", f"dataset.path={images}",
+            "model.dtype=float32", f"model.compile={compile}", f"dataset.path={images}",
             f"dataset.resolutions=[{args.resolution}]", "dataset.enable_ar_bucket=false", "adapter=lora",
             f"adapter.rank={args.rank}", f"trainer.max_steps={steps}", "trainer.max_epochs=-1", "seed=0",
             "save_every_n_epochs=null", f"save_every_n_steps={never}", f"checkpoint_every_n_steps={never}"]
@@ -137,15 +137,24 @@ class Bench:
             command = their_command(self.args.steps, out, self.args, self.model_dir, self.their_images,
                                     self.lora_targets)
         else:
-            command = our_command(setting == "ours compiled", self.args.steps, out, self.args, self.model_dir,
+            command = our_command(our_compile(setting), self.args.steps, out, self.args, self.model_dir,
                                   self.our_images)
         return steady_rates(run_and_read_step_times(command, self.env, out), self.args.warmup)
 
 
+def settings(compiles: list[str]) -> list[str]:
+    return ["ours eager", *(f"ours compile={compile}" for compile in compiles), "theirs"]
+
+
+def our_compile(setting: str) -> str:
+    return "false" if setting == "ours eager" else setting.removeprefix("ours compile=")
+
+
 def measure(bench: Bench, trials: int) -> dict[str, list[tuple[float, float]]]:
-    rates = {setting: [] for setting in SETTINGS}
+    chosen = settings(bench.args.compile)
+    rates = {setting: [] for setting in chosen}
     for trial in range(trials):
-        for setting in SETTINGS if trial % 2 == 0 else SETTINGS[::-1]:
+        for setting in chosen if trial % 2 == 0 else chosen[::-1]:
             rates[setting].append(bench.rates(setting))
             window, per_step = rates[setting][-1]
             print(f"trial {trial + 1}: {setting}: {window:.3f} samples/s (median step: {per_step:.3f})", flush=True)
@@ -158,13 +167,16 @@ def report(args, transformer, lora_targets: list[str], rates: dict[str, list[tup
     per_step = {setting: [r[1] for r in runs] for setting, runs in rates.items()}
     print_table(f"Steady-state samples/s (median of {args.trials} runs), small Flux ({params:,} transformer params, "
                 f"LoRA rank {args.rank} on {len(lora_targets)} Linear layers), {args.resolution} px, float32, "
-                f"batch 1, {args.threads} threads, model.compile={args.compile}, steps {args.warmup + 1}-{args.steps}",
+                f"batch 1, {args.threads} threads, steps {args.warmup + 1}-{args.steps}",
                 ["trainer", "samples/s", "min", "max", "1 / median step"],
-                [[s, median(window[s]), min(window[s]), max(window[s]), median(per_step[s])] for s in SETTINGS])
+                [[s, median(window[s]), min(window[s]), max(window[s]), median(per_step[s])] for s in rates])
     for name, figures in (("samples/s", window), ("1 / median step", per_step)):
-        eager, compiled, theirs = (median(figures[s]) for s in SETTINGS)
-        print(f"\n{name}: ours eager / theirs {eager / theirs:.3f}, ours compiled / theirs {compiled / theirs:.3f}  "
-              f"{verdict(compiled / theirs, TARGET_RATIO, False)}, compiled / eager {compiled / eager:.3f}")
+        eager, theirs = median(figures["ours eager"]), median(figures["theirs"])
+        print(f"\n{name}: ours eager / theirs {eager / theirs:.3f}")
+        for setting in settings(args.compile)[1:-1]:
+            compiled = median(figures[setting])
+            print(f"  {setting}: / theirs {compiled / theirs:.3f}  {verdict(compiled / theirs, TARGET_RATIO, False)}, "
+                  f"/ ours eager {compiled / eager:.3f}")
 
 
 def main() -> None:
