@@ -1,10 +1,11 @@
-"""Steady-state training step time with model.compile=true over eager, for Flux and Wan.
+"""Steady-state training step time with model.compile=true and whole over eager, for Flux, SDXL and Wan (SDXL lists
+no transformer blocks, so it has whole only).
 
 Each measurement is a real training run (`difftrain.training.run`, the config composed as train.py composes it)
 of the family's tiny model on the example images at one square resolution, LoRA, float32, batch 1; a callback
 clocks every optimizer step. The first `--warmup` steps (the compile) are dropped and the median of the rest
-is taken. Eager and compiled runs alternate, `--trials` of each: compiled code persists in the process, so only
-the first compiled run pays the compile. Prints median step times and compiled / eager per family."""
+is taken. A family's settings alternate, `--trials` runs of each: compiled code persists in the process, so only
+the first compiled run pays the compile. Prints median step times and compiled / eager per family and setting."""
 import argparse
 import tempfile
 import time
@@ -17,9 +18,10 @@ from lightning import Callback
 
 from difftrain.training import run
 
-# family -> (model group overrides, square resolution in px)
-FAMILIES = {"flux": (("model=flux_tiny",), 512),
-            "wan": (("model=wan21_t2v", "model.tiny=true", "model.dtype=float32"), 512)}
+# family -> (model group overrides, square resolution in px, its model.compile settings)
+FAMILIES = {"flux": (("model=flux_tiny",), 512, ("true", "whole")),
+            "sdxl": (("model=sdxl_tiny",), 512, ("whole",)),
+            "wan": (("model=wan21_t2v", "model.tiny=true", "model.dtype=float32"), 512, ("true", "whole"))}
 
 
 class StepTimer(Callback):
@@ -38,14 +40,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, default=2, help="steps dropped from each run (the compile happens here)")
-    p.add_argument("--trials", type=int, default=2, help="runs of each setting; eager and compiled alternate")
+    p.add_argument("--trials", type=int, default=2, help="runs of each setting; the settings alternate")
     add_threads_option(p)
     return p.parse_args()
 
 
-def step_seconds(family: str, compiled: bool, run_dir: Path, args: argparse.Namespace) -> list[float]:
-    model, resolution = FAMILIES[family]
-    cfg = compose_config(run_dir, *model, f"model.compile={str(compiled).lower()}", f"trainer.max_steps={args.steps}",
+def step_seconds(family: str, compile: str, run_dir: Path, args: argparse.Namespace) -> list[float]:
+    model, resolution, _ = FAMILIES[family]
+    cfg = compose_config(run_dir, *model, f"model.compile={compile}", f"trainer.max_steps={args.steps}",
                          f"dataset.resolutions=[{resolution}]", "dataset.enable_ar_bucket=false",
                          "adapter.rank=16", "checkpoint_every_n_steps=null",
                          f"+callbacks.timer._target_={__name__}.StepTimer")
@@ -61,16 +63,18 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for family in args.families:
-            seconds = {False: [], True: []}
+            settings = ("false", *FAMILIES[family][2])
+            seconds = {setting: [] for setting in settings}
             for trial in range(args.trials):
-                for compiled in (False, True) if trial % 2 == 0 else (True, False):
-                    seconds[compiled] += step_seconds(family, compiled, Path(work) / f"{family}-{trial}-{compiled}",
-                                                      args)
-                    print(f"{family} trial {trial + 1} compile={compiled}: "
-                          f"median {median(seconds[compiled]):.3f} s/step", flush=True)
-            eager, compiled = median(seconds[False]), median(seconds[True])
-            rows.append((family, eager, compiled, compiled / eager))
-    print_table("Steady-state step time (s), median", ("family", "eager", "compiled", "compiled / eager"), rows)
+                for setting in settings if trial % 2 == 0 else settings[::-1]:
+                    seconds[setting] += step_seconds(family, setting, Path(work) / f"{family}-{trial}-{setting}", args)
+                    print(f"{family} trial {trial + 1} model.compile={setting}: "
+                          f"median {median(seconds[setting]):.3f} s/step", flush=True)
+            eager = median(seconds["false"])
+            rows += [(family, setting, eager, median(seconds[setting]), median(seconds[setting]) / eager)
+                     for setting in settings[1:]]
+    print_table("Steady-state step time (s), median", ("family", "model.compile", "eager", "compiled",
+                                                        "compiled / eager"), rows)
 
 
 if __name__ == "__main__":

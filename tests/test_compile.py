@@ -1,7 +1,8 @@
 """model.compile=true (src/modules/compile.py): the tiny Flux trained 2 steps with its blocks compiled, one step in
 each of two buckets, with every block feature compile must combine with on at once (LoRA, fp8 storage, activation
 checkpointing, block swap on the CPU), against the same run in eager mode; once more with
-model.compile=max-autotune; and with model.compile=whole (one graph: LoRA and fp8 storage, which is all it takes).
+model.compile=max-autotune; and with model.compile=whole (one graph, with the features it combines with: LoRA
+and fp8 storage).
 One run per setting serves every assert: a first compile takes most of the test's time."""
 import shutil
 
