@@ -1,5 +1,5 @@
-"""Steady-state training step time with model.compile=true and whole over eager, for Flux, SDXL and Wan (SDXL lists
-no transformer blocks, so it has whole only).
+"""Steady-state training step time with model.compile=true and whole over eager, for Flux and Wan (SDXL refuses
+model.compile: benchmarks/README.md).
 
 Each measurement is a real training run (`difftrain.training.run`, the config composed as train.py composes it)
 of the family's tiny model on the example images at one square resolution, LoRA, float32, batch 1; a callback
@@ -20,7 +20,6 @@ from difftrain.training import run
 
 # family -> (model group overrides, square resolution in px, its model.compile settings)
 FAMILIES = {"flux": (("model=flux_tiny",), 512, ("true", "whole")),
-            "sdxl": (("model=sdxl_tiny",), 512, ("whole",)),
             "wan": (("model=wan21_t2v", "model.tiny=true", "model.dtype=float32"), 512, ("true", "whole"))}
 
 
