@@ -20,8 +20,8 @@ from torch.utils.checkpoint import checkpoint
 def checkpoint_blocks(blocks: list[torch.nn.Module], offload: bool = False,
                       recompute_context: Optional[Callable[[], AbstractContextManager]] = None) -> None:
     """Make every block recompute its activations in backward; the recompute runs inside `recompute_context()`
-    where one is given (torch.compile cannot trace a checkpoint given a context). The block is still called
-    through its module hooks (block swap's) on the first forward only."""
+    where one is given. The block is still called through its module hooks (block swap's) on the first forward
+    only."""
     for block in blocks:
         forward = block.forward
         block.forward = partial(_checkpointed, forward, inspect.signature(forward), offload, recompute_context)
