@@ -174,14 +174,18 @@ def test_train_py_prints_one_message_without_traceback(tmp_path, mistake):
     assert_error_without_traceback(run_train_py(*overrides, f"hydra.run.dir={tmp_path / 'run'}"), first_line)
 
 
-@pytest.mark.parametrize("override, first_line", [
-    ("+model.flux_shfit=true", "Error: Unknown config key 'model.flux_shfit'. Did you mean 'model.flux_shift'?"),
+@pytest.mark.parametrize("overrides, first_line", [
+    (["+model.flux_shfit=true"], "Error: Unknown config key 'model.flux_shfit'. Did you mean 'model.flux_shift'?"),
     # Hydra refuses to override a key the config does not have, before validation runs.
-    ("model.diffuser_path=/x", "Error: Unknown config key 'model.diffuser_path'. Did you mean 'model.diffusers_path'?"),
-    ("adapter.rank=0", "Error: adapter.rank=0 is out of range"),
-], ids=["misspelled key", "command-line typo", "out of range"])
-def test_config_mistake_is_the_only_line_train_py_prints(tmp_path, override, first_line):
-    result = run_train_py(override, f"hydra.run.dir={tmp_path / 'run'}")
+    (["model.diffuser_path=/x"],
+     "Error: Unknown config key 'model.diffuser_path'. Did you mean 'model.diffusers_path'?"),
+    (["model=sdxl_tiny", "model.transformer_dtype=float8"],
+     "Error: 'model.transformer_dtype' is a valid key that the selected model config leaves unset, so the command "
+     "line must add it: write '+model.transformer_dtype=...'."),
+    (["adapter.rank=0"], "Error: adapter.rank=0 is out of range"),
+], ids=["misspelled key", "command-line typo", "key the family's file leaves out", "out of range"])
+def test_config_mistake_is_the_only_line_train_py_prints(tmp_path, overrides, first_line):
+    result = run_train_py(*overrides, f"hydra.run.dir={tmp_path / 'run'}")
     assert len(assert_error_without_traceback(result, first_line)) == 1, result.stderr[-2000:]
 
 

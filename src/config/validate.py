@@ -87,7 +87,11 @@ def unknown_key_error(node: DictConfig, full_key: str) -> ConfigError:
     """The error for a command-line override of a key that `node` (the group it names) does not have: Hydra refuses
     it before validate() runs, so train.py asks here for the message an unknown key in a config file gets."""
     where, _, key = full_key.rpartition(".")
-    return ConfigError(_unknown_key_message(key, _known_keys(node, where), where))
+    known = _known_keys(node, where)
+    if key in known:  # declared (e.g. by the family's constructor) but left out of the group's file
+        return ConfigError(f"'{full_key}' is a valid key that the selected {where} config leaves unset, so the "
+                           f"command line must add it: write '+{full_key}=...'.")
+    return ConfigError(_unknown_key_message(key, known, where))
 
 
 def _known_keys(node: DictConfig, where: str) -> list[str]:
