@@ -1,5 +1,4 @@
-"""Steady-state training step time with model.compile=true and whole over eager, for Flux and Wan (SDXL refuses
-model.compile: benchmarks/README.md).
+"""Steady-state training step time with model.compile=true (and whole) over eager, for Flux, SDXL and Wan.
 
 Each measurement is a real training run (`difftrain.training.run`, the config composed as train.py composes it)
 of the family's tiny model on the example images at one square resolution, LoRA, float32, batch 1; a callback
@@ -20,7 +19,9 @@ from difftrain.training import run
 
 # family -> (model group overrides, square resolution in px, its model.compile settings)
 FAMILIES = {"flux": (("model=flux_tiny",), 512, ("true", "whole")),
-            "wan": (("model=wan21_t2v", "model.tiny=true", "model.dtype=float32"), 512, ("true", "whole"))}
+            "wan": (("model=wan21_t2v", "model.tiny=true", "model.dtype=float32"), 512, ("true", "whole")),
+            # whole: the tiny UNet as one graph was still compiling after 10 min on a 2-core CPU
+            "sdxl": (("model=sdxl_tiny",), 512, ("true",))}
 
 
 class StepTimer(Callback):

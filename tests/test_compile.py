@@ -2,7 +2,7 @@
 each of two buckets, with every block feature compile must combine with on at once (LoRA, fp8 storage, activation
 checkpointing, block swap on the CPU), against the same run in eager mode; once more with
 model.compile=max-autotune; and with model.compile=whole (one graph, with the features it combines with: LoRA
-and fp8 storage).
+and fp8 storage). SDXL, whose UNet compiles its attention blocks, against its eager run.
 One run per setting serves every assert: a first compile takes most of the test's time."""
 import shutil
 
@@ -16,6 +16,7 @@ from difftrain.config.errors import ConfigError
 from difftrain.modules.compile import regions_outside_blocks
 from difftrain.training import run
 from tests.conftest import EXAMPLE_IMAGES, compose_config
+from tests.test_block_swap import build_module
 
 # Two buckets (80 and 112 px squares of one image: 25 and 49 image tokens, sizes no width of the tiny Flux shares,
 # which would make torch specialise on them), one step each.
@@ -43,13 +44,18 @@ SETTINGS = {"eager": ("model.compile=false",), "compiled": ("model.compile=true"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """{setting: run}: the same 2-step run with each of SETTINGS."""
+def one_image(tmp_path_factory):
     data = tmp_path_factory.mktemp("one-image")
     for name in ("02_blue_triangle.jpg", "02_blue_triangle.txt"):  # square: one bucket per resolution
         shutil.copy(EXAMPLE_IMAGES / name, data)
+    return data
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, one_image):
+    """{setting: run}: the same 2-step run with each of SETTINGS."""
     root = tmp_path_factory.mktemp("compile-runs")
-    return {name: run(compose_config(root / name, *COMMON, f"dataset.path={data}", *overrides))
+    return {name: run(compose_config(root / name, *COMMON, f"dataset.path={one_image}", *overrides))
             for name, overrides in SETTINGS.items()}
 
 
@@ -89,14 +95,15 @@ def test_compiled_once_and_a_second_bucket_compiles_nothing(runs, setting):
     assert graphs_after_second == graphs_after_first, "the second bucket recompiled"
 
 
-def test_top_level_modules_outside_the_blocks_are_compiled_unless_stored_in_fp8(runs):
+def test_top_level_modules_outside_the_blocks_are_compiled_unless_stored_in_fp8_or_a_single_layer(runs):
     module = runs["compiled"].module
-    outside = ["pos_embed", "time_text_embed", "context_embedder", "x_embedder", "norm_out", "proj_out"]
+    # context_embedder, x_embedder and proj_out are single Linear layers: left eager.
+    outside = ["pos_embed", "time_text_embed", "norm_out"]
     everything = regions_outside_blocks(module.denoiser, module.blocks(), keep_patterns=None)
     assert [module.denoiser.get_submodule(name) for name in outside] == everything
     # In fp8 storage a layer outside the patterns is cast by hooks that a graph would lose: its module stays eager.
-    kept = regions_outside_blocks(module.denoiser, module.blocks(), keep_patterns=(r"^proj_out$", r"^norm_out"))
-    assert kept == [module.denoiser.pos_embed, module.denoiser.norm_out, module.denoiser.proj_out]
+    kept = regions_outside_blocks(module.denoiser, module.blocks(), keep_patterns=(r"^norm_out",))
+    assert kept == [module.denoiser.pos_embed, module.denoiser.norm_out]
 
 
 @pytest.mark.parametrize("feature", ["model.blocks_to_swap=2", "model.activation_checkpointing=offload"])
@@ -107,7 +114,28 @@ def test_whole_denoiser_compile_refuses_per_block_features_before_caching(tmp_pa
     assert not (tmp_path / "cache").exists()
 
 
-def test_a_family_that_lists_no_blocks_refuses_compile_before_caching(tmp_path):
-    with pytest.raises(ConfigError, match=r"model.compile=true: SDXLModule does not list its transformer blocks"):
-        run(compose_config(tmp_path / "run", "model=sdxl_tiny", "model.compile=true"))
-    assert not (tmp_path / "cache").exists()
+def test_sdxl_compiles_its_unets_attention_blocks_as_eager_training(tmp_path, one_image):
+    """SDXL's UNet has no transformer block list: model.compile=true compiles its attention blocks (diffusers'
+    `_repeated_blocks`), inside the down/mid/up blocks that activation checkpointing wraps."""
+    # Buckets of 192 and 320 px: the attention blocks' token counts (144 and 36, 400 and 100) match no width of
+    # the tiny UNet, which would make torch specialise on them.
+    sdxl = ("model=sdxl_tiny", "trainer.max_steps=2", "checkpoint_every_n_steps=null",
+            "dataset.resolutions=[192,320]", "adapter.rank=4", "optimizer.lr=1e-2", "model.activation_checkpointing=true", f"dataset.path={one_image}",
+            "+callbacks.graphs._target_=tests.test_compile.CompiledGraphs")
+    eager = run(compose_config(tmp_path / "eager", *sdxl, "model.compile=false"))
+    compiled = run(compose_config(tmp_path / "compiled", *sdxl, "model.compile=true"))
+    (first_shape, graphs_after_first), (second_shape, graphs_after_second) = graphs_per_step(compiled)
+    assert first_shape != second_shape, "the two steps should come from two buckets"
+    assert graphs_after_first > graphs_per_step(eager)[-1][1], "nothing was compiled"
+    assert graphs_after_second == graphs_after_first, "the second bucket recompiled"
+    expected = load_file(eager.final_export / "lora.safetensors")
+    trained = load_file(compiled.final_export / "lora.safetensors")
+    assert expected.keys() == trained.keys()
+    for key in expected:  # measured differences up to 1.1e-4 (see the Flux test above)
+        torch.testing.assert_close(trained[key], expected[key], rtol=1e-4, atol=2e-4, msg=key)
+
+
+def test_a_family_that_lists_no_blocks_refuses_block_compile(make_config):
+    with pytest.raises(ConfigError, match=r"model.compile=true: FluxWithoutBlockList lists no blocks to compile one "
+                                          r"by one \(block_lists\). Use model.compile=whole or false."):
+        build_module(make_config, "model.compile=true", target="tests.test_block_swap.FluxWithoutBlockList")

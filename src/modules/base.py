@@ -123,10 +123,6 @@ class DiffusionModule(LightningModule, ABC):
         if self.lora_only and not self.is_lora:
             raise ConfigError(f"model={self.cache_name} trains LoRAs only (no full fine-tune, as the reference "
                               f"trainer): use adapter=lora.")
-        if self.compiled_blocks and not self.block_lists:
-            raise ConfigError(f"model.compile={str(self.compiled_blocks).lower()}: {type(self).__name__} does not "
-                              f"list its transformer blocks (block_lists), the regions model.compile compiles. Use "
-                              f"model.compile=false.")
         per_block = {"blocks_to_swap": self.blocks_to_swap, "activation_checkpointing": self.activation_checkpointing}
         if self.compiled_blocks == "whole" and any(per_block.values()):
             name, value = next((name, value) for name, value in per_block.items() if value)
@@ -315,11 +311,26 @@ class DiffusionModule(LightningModule, ABC):
                         self.compute_dtype)
 
     def _compiled_regions(self) -> list[torch.nn.Module]:
+        graphs = self._compiled_graphs()
+        if self.compiled_blocks == "whole":
+            return graphs
+        keep = self.kept_in_compute_dtype if self.storage_dtype is not None else None
+        return [*graphs, *regions_outside_blocks(self.denoiser, graphs, keep)]
+
+    def _compiled_graphs(self) -> list[torch.nn.Module]:
+        """The modules model.compile traces (each a graph of its own): the denoiser, or its repeated blocks."""
         if self.compiled_blocks == "whole":
             return [self.denoiser]
-        blocks = self.blocks()
-        keep = self.kept_in_compute_dtype if self.storage_dtype is not None else None
-        return [*blocks, *regions_outside_blocks(self.denoiser, blocks, keep)]
+        blocks = self.repeated_blocks()
+        if not blocks:
+            raise ConfigError(f"model.compile={str(self.compiled_blocks).lower()}: {type(self).__name__} lists no "
+                              f"blocks to compile one by one (block_lists). Use model.compile=whole or false.")
+        return blocks
+
+    def repeated_blocks(self) -> list[torch.nn.Module]:
+        """The blocks model.compile=true compiles one by one (blocks of one class share a graph): the transformer
+        blocks, unless the family says otherwise."""
+        return self.blocks()
 
     @property
     def kept_in_compute_dtype(self) -> tuple[str, ...]:
@@ -329,8 +340,7 @@ class DiffusionModule(LightningModule, ABC):
     def _store_low_precision(self) -> None:
         keep = self.kept_in_compute_dtype
         # The layers inside a compiled graph cast in it (compile.py): the blocks', or all with one graph
-        in_graph = [self.denoiser] if self.compiled_blocks == "whole" else self.blocks()
-        compiled = (cast_in_graph(self.denoiser, in_graph, self.storage_dtype, self.compute_dtype, keep)
+        compiled = (cast_in_graph(self.denoiser, self._compiled_graphs(), self.storage_dtype, self.compute_dtype, keep)
                     if self.compiled_blocks else ())
         # The hook directly, not model.enable_layerwise_casting: that also skips every module whose name
         # contains "norm" (all of Flux's modulation linears), where the family's own list should decide.

@@ -1,8 +1,9 @@
 """Regional compilation (model.compile=true): `torch.compile` of each transformer block's forward, as diffusers'
 `compile_repeated_blocks`. Blocks of one class run the same code object, and torch inlines module attributes as
 graph inputs, so they share one compiled graph: a compile costs a few blocks, not the whole denoiser. The
-denoiser's other top-level modules (embedders, final norm and projection) are compiled as regions of their own:
-small graphs, which took 1-5% off the step time of blocks alone on the small Flux of benchmarks/compile_regions.py.
+denoiser's other top-level modules (embedders, final norm; not single torch layers) are compiled as regions of
+their own: small graphs, which took 1-5% off the step time of blocks alone on the small Flux of
+benchmarks/compile_regions.py.
 model.compile=whole compiles the denoiser's forward as one graph instead: faster steps (0.94 of regional on that
 Flux), a compile that traces every block, and no block swap, checkpointing or FSDP, which would be inside it.
 
@@ -41,13 +42,17 @@ def compile_regions(regions: list[torch.nn.Module], autotune: bool = False) -> N
 
 def regions_outside_blocks(denoiser: torch.nn.Module, blocks: list[torch.nn.Module],
                            keep_patterns: tuple[str, ...] | None) -> list[torch.nn.Module]:
-    """The denoiser's top-level modules that hold no block. With low-precision storage (`keep_patterns`: the
-    names that stay in the compute dtype), only those whose weights all stay: the others' layerwise casting
-    would be traced into the graph (see the module docstring)."""
+    """The denoiser's top-level modules that hold no block and are not a single torch layer. With low-precision
+    storage (`keep_patterns`: the names that stay in the compute dtype), only those whose weights all stay: the
+    others' layerwise casting would be traced into the graph (see the module docstring)."""
     block_ids = {id(block) for block in blocks}
     regions = []
     for name, child in denoiser.named_children():
         if type(child).forward is torch.nn.Module.forward:  # a container (ModuleList, ModuleDict): never called
+            continue
+        # A torch layer (Linear, Conv2d, GroupNorm) runs one kernel, so a graph of its own fuses nothing; and
+        # torch compiles every such layer's forward through one shared frame, which recompiles for each layer.
+        if type(child).__module__.startswith("torch.nn."):
             continue
         layers = list(child.named_modules(prefix=name))
         if any(id(layer) in block_ids for _, layer in layers):

@@ -155,6 +155,11 @@ class SDXLModule(DiffusionModule):
         unet = self.denoiser
         return [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
 
+    def repeated_blocks(self) -> list[torch.nn.Module]:
+        """The UNet's attention blocks, the ones diffusers' compile_repeated_blocks compiles (`_repeated_blocks`)."""
+        names = UNet2DConditionModel._repeated_blocks
+        return [module for module in self.denoiser.modules() if type(module).__name__ in names]
+
     def inference_pipeline(self) -> StableDiffusionXLPipeline:
         tokenizer, tokenizer_2 = self._tokenizers()
         parts = {name: self.text_encoders[part] for part, name in TEXT_ENCODERS.items()}
