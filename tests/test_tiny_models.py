@@ -84,6 +84,15 @@ def test_tiny_model_dir_builds_once_per_builder_source(cache_root, tmp_path):
     assert tiny.source_digest(edited) != tiny.builders_digest()  # so it gets a fresh cache folder
 
 
+def test_a_cold_cache_leaves_the_runs_random_numbers_alone(cache_root):
+    """Builders seed torch's generator; training seeds it first, then builds what the cache lacks."""
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    tiny.tiny_model_dir("flux", flux.build)
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_crashed_builds_leave_nothing_behind(cache_root):
     target = cache_root / f"flux-{tiny.builders_digest()}"
     stale = cache_root / f"{target.name}.tmp-999999"  # from a build killed before its rename

@@ -110,9 +110,13 @@ def _remove_stale_temp_dirs(target: Path) -> None:
 def _build_atomically(build: Callable[[Path], None], target: Path) -> None:
     # Same parent folder, so os.rename is atomic: target is either absent or complete.
     temp_dir = target.with_name(f"{_temp_prefix(target)}{os.getpid()}")
+    import torch  # here: importing this package stays cheap
+
     temp_dir.mkdir()
     try:
-        build(temp_dir)
+        # Builders seed torch's generator: a run must draw the same numbers whether or not the cache was cold
+        with torch.random.fork_rng(devices=[]):
+            build(temp_dir)
         os.rename(temp_dir, target)
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
