@@ -2,7 +2,9 @@
 on tiny models: a run with previews trains exactly what a run without does; the sample command, given the exported
 LoRA, renders the preview of the same step again."""
 import random
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 import av
 import numpy as np
@@ -14,9 +16,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from difftrain.callbacks import previews
 from difftrain.config.samples import sample_requests
 from difftrain.config.validate import ConfigError, validate
-from difftrain.training import run
+from difftrain.training import TrainingRun, run
 from scripts.sample import sample
 from tests.conftest import ROOT, compose_config
 
@@ -51,16 +54,37 @@ def recorded(result) -> list[dict]:
     return next(c for c in result.trainer.callbacks if isinstance(c, Recorder)).steps
 
 
+class PreviewRun(NamedTuple):
+    result: TrainingRun
+    rendered: list[np.ndarray]  # what its previews rendered (rendered_media)
+
+
+@contextmanager
+def rendered_media() -> Iterator[list[np.ndarray]]:
+    """The images and videos previews and the sample command render, as 8-bit arrays before they are written: an
+    MP4 is lossy, and one level in one pixel can move a decoded block by 50 levels."""
+    media, save_media = [], previews.save_media
+
+    def record(item: np.ndarray, path: Path, fps: int) -> None:
+        media.append(previews.to_uint8(item))
+        save_media(item, path, fps)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(previews, "save_media", record)
+        yield media
+
+
 @pytest.fixture(scope="module")
 def preview_run(tmp_path_factory):
     """One run with previews per family (step 2, TensorBoard on), shared by the tests that inspect it."""
     runs = {}
 
-    def get(name: str):
+    def get(name: str) -> PreviewRun:
         if name not in runs:
             overrides, _ = FAMILIES[name]
             folder = tmp_path_factory.mktemp(name)
-            runs[name] = run(compose_config(folder / "run", *overrides, *TRAINING, *PREVIEWS, *LOGGERS))
+            with rendered_media() as rendered:
+                result = run(compose_config(folder / "run", *overrides, *TRAINING, *PREVIEWS, *LOGGERS))
+            runs[name] = PreviewRun(result, rendered)
         return runs[name]
     return get
 
@@ -103,7 +127,7 @@ def test_previews_leave_training_unchanged(tmp_path):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_preview_goes_to_the_run_folder_tensorboard_and_wandb(name, preview_run):
-    result = preview_run(name)
+    result = preview_run(name).result
     run_dir = result.final_export.parents[1]
     files = list((run_dir / "samples" / "2").iterdir())
     assert [f.name for f in files] == ["0.mp4" if name == "wan" else "0.png"]
@@ -120,18 +144,21 @@ def test_preview_goes_to_the_run_folder_tensorboard_and_wandb(name, preview_run)
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_sample_command_renders_the_preview_again_from_the_exported_lora(name, preview_run, tmp_path):
-    result = preview_run(name)
+    result, (preview,) = preview_run(name)
     overrides, lora_file = FAMILIES[name]
     model = [o for o in overrides if o.startswith("model")]
     size = 32 if name == "wan" else 64
     common = (*model, "prompt=a red square", "seed=42", "steps=2", f"width={size}", f"height={size}", "frames=5")
-    with_lora = sample(sample_config(*common, f"lora={result.final_export / lora_file}", f"out={tmp_path}/lora.png"))
-    base = sample(sample_config(*common, f"out={tmp_path}/base.png"))
-    preview = result.final_export.parents[1] / "samples" / "2" / ("0.mp4" if name == "wan" else "0.png")
-    assert with_lora[0].suffix == preview.suffix
-    ours, theirs = read_media(with_lora[0]).astype(int), read_media(preview).astype(int)
-    assert np.abs(ours - theirs).max() <= 1, "the sample command does not render what the preview showed"
-    assert np.abs(read_media(base[0]).astype(int) - theirs).max() > 1, "the LoRA changed nothing"
+    with rendered_media() as rendered:
+        lora_file = sample(sample_config(*common, f"lora={result.final_export / lora_file}",
+                                         f"out={tmp_path}/lora.png"))[0]
+        sample(sample_config(*common, f"out={tmp_path}/base.png"))
+    with_lora, base = rendered
+    preview_file = result.final_export.parents[1] / "samples" / "2" / ("0.mp4" if name == "wan" else "0.png")
+    assert lora_file.suffix == preview_file.suffix
+    assert read_media(lora_file).shape == read_media(preview_file).shape
+    assert np.abs(with_lora.astype(int) - preview).max() <= 1, "the sample command does not render the preview"
+    assert np.abs(base.astype(int) - preview).max() > 1, "the LoRA changed nothing"
 
 
 def test_sample_keys_are_checked_before_anything_loads(make_config, tmp_path):
