@@ -1,5 +1,5 @@
 """Step time and page faults per step on the CPU, with glibc's default allocator thresholds and with the memory a step
-frees kept for the next (src/utils/cpu_memory.py; training does not apply it yet). The allocator's state is per
+frees kept for the next (src/utils/cpu_memory.py, which training on the CPU applies). The allocator's state is per
 process, so each measurement is a fresh process; the two settings alternate, `--pairs` times, so that each pair sees
 about the same machine load. Each process loads the small Flux of vs_diffusers_flux.py with the real FluxModule
 (LoRA rank 16, float32, eager or `--compile`) and times bare training steps (step_overhead.py) on one random cached

@@ -30,6 +30,7 @@ def run(cfg: DictConfig) -> Optional[TrainingRun]:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import lightning as L  # heavy imports only after the config is known to be good
     from hydra.utils import instantiate
+    from lightning.pytorch.accelerators import CPUAccelerator
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from difftrain.callbacks.ema import EMACallback
@@ -38,6 +39,7 @@ def run(cfg: DictConfig) -> Optional[TrainingRun]:
     from difftrain.dashboards import finish_loggers, log_config
     from difftrain.resume import ResumableRun, prepare_run_dir, resume_checkpoint
     from difftrain.utils.checkpoint_io import AtomicCheckpointIO
+    from difftrain.utils.cpu_memory import keep_freed_memory
     from difftrain.utils.logs import lightning_logs_to_root_handlers
 
     lightning_logs_to_root_handlers()
@@ -63,6 +65,8 @@ def run(cfg: DictConfig) -> Optional[TrainingRun]:
     log_config(loggers, cfg)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
                           **_eval_schedule(cfg))
+    if isinstance(trainer.accelerator, CPUAccelerator):
+        keep_freed_memory()
 
     if cfg.eval_datasets and cfg.eval_before_first_step and ckpt_path is None:
         trainer.validate(module, datamodule=datamodule)

@@ -2,10 +2,7 @@
 activation buffers. By default glibc's malloc returns a freed buffer above its mmap threshold to the OS, and trims
 the top of its heap once more than twice that threshold is free there; so the next step faults every page back in
 and the kernel zeroes it again: 8,000-21,000 page faults per step of the 9.2M-parameter Flux at 512 px (none once
-the memory is kept), and kept steps took 0.95 of the time (median of 6 pairs of processes: benchmarks/cpu_memory.py).
-Not applied by training yet: with it in the test process, one full test run rendered the Wan preview differently
-from the sample command (tests/test_previews.py, up to 28/255), which a recycled, uninitialised buffer would
-explain; until that is understood, only benchmarks/cpu_memory.py calls it."""
+the memory is kept), and kept steps took 0.95 of the time (median of 6 pairs of processes: benchmarks/cpu_memory.py)."""
 import ctypes
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
