@@ -3,7 +3,7 @@
 graph inputs, so they share one compiled graph: a compile costs a few blocks, not the whole denoiser. The
 denoiser's other top-level modules (embedders, final norm; not single torch layers) are compiled as regions of
 their own: small graphs, which took 1-5% off the step time of blocks alone on the small Flux of
-benchmarks/compile_regions.py.
+benchmarks/compile_regions.py (measured while its single Linear layers were regions too).
 model.compile=whole compiles the denoiser's forward as one graph instead: faster steps (0.94 of regional on that
 Flux), a compile that traces every block, and no block swap, checkpointing or FSDP, which would be inside it.
 

@@ -108,10 +108,10 @@ def _remove_stale_temp_dirs(target: Path) -> None:
 
 
 def _build_atomically(build: Callable[[Path], None], target: Path) -> None:
-    # Same parent folder, so os.rename is atomic: target is either absent or complete.
-    temp_dir = target.with_name(f"{_temp_prefix(target)}{os.getpid()}")
     import torch  # here: importing this package stays cheap
 
+    # Same parent folder, so os.rename is atomic: target is either absent or complete.
+    temp_dir = target.with_name(f"{_temp_prefix(target)}{os.getpid()}")
     temp_dir.mkdir()
     try:
         # Builders seed torch's generator: a run must draw the same numbers whether or not the cache was cold
