@@ -150,13 +150,13 @@ def test_sample_command_renders_the_preview_again_from_the_exported_lora(name, p
     size = 32 if name == "wan" else 64
     common = (*model, "prompt=a red square", "seed=42", "steps=2", f"width={size}", f"height={size}", "frames=5")
     with rendered_media() as rendered:
-        lora_file = sample(sample_config(*common, f"lora={result.final_export / lora_file}",
-                                         f"out={tmp_path}/lora.png"))[0]
+        sampled_file = sample(sample_config(*common, f"lora={result.final_export / lora_file}",
+                                            f"out={tmp_path}/lora.png"))[0]
         sample(sample_config(*common, f"out={tmp_path}/base.png"))
     with_lora, base = rendered
     preview_file = result.final_export.parents[1] / "samples" / "2" / ("0.mp4" if name == "wan" else "0.png")
-    assert lora_file.suffix == preview_file.suffix
-    assert read_media(lora_file).shape == read_media(preview_file).shape
+    assert sampled_file.suffix == preview_file.suffix
+    assert read_media(sampled_file).shape == read_media(preview_file).shape
     assert np.abs(with_lora.astype(int) - preview).max() <= 1, "the sample command does not render the preview"
     assert np.abs(base.astype(int) - preview).max() > 1, "the LoRA changed nothing"
 
