@@ -65,17 +65,29 @@ def graphs_per_step(training_run) -> list[tuple[tuple[int, ...], int]]:
     return callback.steps
 
 
+def assert_compiled_once_for_two_buckets(compiled_run, graphs_before: int) -> None:
+    (first_shape, graphs_after_first), (second_shape, graphs_after_second) = graphs_per_step(compiled_run)
+    assert first_shape != second_shape, "the two steps should come from two buckets"
+    assert graphs_after_first > graphs_before, "nothing was compiled"
+    assert graphs_after_second == graphs_after_first, "the second bucket recompiled"
+
+
+def assert_same_lora(eager_run, compiled_run, file: str, atol: float) -> None:
+    eager = load_file(eager_run.final_export / file)
+    compiled = load_file(compiled_run.final_export / file)
+    assert eager.keys() == compiled.keys()
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=atol, msg=key)
+
+
 @pytest.mark.parametrize("setting", ["compiled", "autotuned", "whole"])
 def test_compiled_training_exports_the_lora_of_eager_training(runs, setting):
     eager = load_file(runs["eager"].final_export / "pytorch_lora_weights.safetensors")
-    compiled = load_file(runs[setting].final_export / "pytorch_lora_weights.safetensors")
-    assert eager.keys() == compiled.keys()
     assert any(t.abs().sum() > 0 for k, t in eager.items() if "lora_B" in k), "training changed no LoRA"
-    for key in eager:
-        # Inductor fuses and reorders fp32 reductions, and computes the timestep sinusoids (arguments up to 1000,
-        # where one rounding moves the phase by ~1e-4) its own way: measured differences up to 5.4e-5 after 2 steps
-        # at this learning rate, on weights of ~0.02-0.2.
-        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-4, msg=key)
+    # Inductor fuses and reorders fp32 reductions, and computes the timestep sinusoids (arguments up to 1000,
+    # where one rounding moves the phase by ~1e-4) its own way: measured differences up to 5.4e-5 after 2 steps
+    # at this learning rate, on weights of ~0.02-0.2.
+    assert_same_lora(runs["eager"], runs[setting], "pytorch_lora_weights.safetensors", atol=1e-4)
 
 
 @pytest.mark.parametrize("setting", ["compiled", "whole"])
@@ -87,12 +99,8 @@ def test_fp8_weights_stay_fp8_in_compiled_graphs(runs, setting):
 
 @pytest.mark.parametrize("setting", ["compiled", "whole"])
 def test_compiled_once_and_a_second_bucket_compiles_nothing(runs, setting):
-    (first_shape, graphs_after_first), (second_shape, graphs_after_second) = graphs_per_step(runs[setting])
-    assert first_shape != second_shape, "the two steps should come from two buckets"
     previous = list(SETTINGS)[list(SETTINGS).index(setting) - 1]
-    before = graphs_per_step(runs[previous])[-1][1]
-    assert graphs_after_first > before, "nothing was compiled"
-    assert graphs_after_second == graphs_after_first, "the second bucket recompiled"
+    assert_compiled_once_for_two_buckets(runs[setting], graphs_before=graphs_per_step(runs[previous])[-1][1])
 
 
 def test_top_level_modules_outside_the_blocks_are_compiled_unless_stored_in_fp8_or_a_single_layer(runs):
@@ -120,19 +128,14 @@ def test_sdxl_compiles_its_unets_attention_blocks_as_eager_training(tmp_path, on
     # Buckets of 192 and 320 px: the attention blocks' token counts (144 and 36, 400 and 100) match no width of
     # the tiny UNet, which would make torch specialise on them.
     sdxl = ("model=sdxl_tiny", "trainer.max_steps=2", "checkpoint_every_n_steps=null",
-            "dataset.resolutions=[192,320]", "adapter.rank=4", "optimizer.lr=1e-2", "model.activation_checkpointing=true", f"dataset.path={one_image}",
+            "dataset.resolutions=[192,320]", "adapter.rank=4", "optimizer.lr=1e-2",
+            "model.activation_checkpointing=true", f"dataset.path={one_image}",
             "+callbacks.graphs._target_=tests.test_compile.CompiledGraphs")
     eager = run(compose_config(tmp_path / "eager", *sdxl, "model.compile=false"))
     compiled = run(compose_config(tmp_path / "compiled", *sdxl, "model.compile=true"))
-    (first_shape, graphs_after_first), (second_shape, graphs_after_second) = graphs_per_step(compiled)
-    assert first_shape != second_shape, "the two steps should come from two buckets"
-    assert graphs_after_first > graphs_per_step(eager)[-1][1], "nothing was compiled"
-    assert graphs_after_second == graphs_after_first, "the second bucket recompiled"
-    expected = load_file(eager.final_export / "lora.safetensors")
-    trained = load_file(compiled.final_export / "lora.safetensors")
-    assert expected.keys() == trained.keys()
-    for key in expected:  # measured differences up to 1.1e-4 (see the Flux test above)
-        torch.testing.assert_close(trained[key], expected[key], rtol=1e-4, atol=2e-4, msg=key)
+    assert_compiled_once_for_two_buckets(compiled, graphs_before=graphs_per_step(eager)[-1][1])
+    # measured differences up to 1.1e-4 (see the Flux test above)
+    assert_same_lora(eager, compiled, "lora.safetensors", atol=2e-4)
 
 
 def test_a_family_that_lists_no_blocks_refuses_block_compile(make_config):
