@@ -6,18 +6,22 @@ Both trainers run as they are meant to be run, as a whole command in a fresh pro
 theirs `python <their script> ...` (never edited; its path is `--diffusers-script`, in diffusers' repository
 under examples/dreambooth). Nothing is timed inside either: both log every optimizer step to TensorBoard by their
 own means (ours `logger=tensorboard`, theirs its default `--report_to=tensorboard`), and each event carries the
-wall time it was written at. The steady-state rate of a run is read off those times, after `--warmup` steps (the
-compile happens in the first): steps / seconds between the first and the last logged step of the window, and the
-median time between two consecutive steps (robust to a stall of the machine). The settings are interleaved in
-every trial, in alternating order, so that they see the same machine load; medians over `--trials` are compared.
+wall time it was written at. In a trial every setting's run starts at once and they take turns of
+`--turn-seconds`, the others paused (SIGSTOP to the process group), so that all of them see the same machine
+load, however it drifts. The steady-state rate of a run is read off its logged times after `--warmup` steps (the
+compile happens in the first), from the steps that began and ended within one turn: steps / their seconds, and
+1 / their median time. The ratios are taken within each trial; their medians over `--trials` are compared.
 See benchmarks/README.md."""
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 from _common import (EXAMPLE_IMAGES, ROOT, TINY_TEXT_WIDTH, compose_config, instantiate_module, median,
                      print_table, small_flux, small_flux_pipeline_folder, verdict)
@@ -36,6 +40,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=40, help="optimizer steps of each run")
     p.add_argument("--warmup", type=int, default=8, help="first steps left out of the rate (the compile is in them)")
     p.add_argument("--trials", type=int, default=3, help="runs per setting")
+    p.add_argument("--turn-seconds", type=float, default=4.0,
+                   help="how long each run goes on before the next one's turn (all of a trial's runs take turns)")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS / MKL_NUM_THREADS of every run")
     p.add_argument("--compile", nargs="+", choices=("true", "max-autotune", "whole"), default=["true", "whole"],
                    help="model.compile of each compiled setting")
@@ -91,34 +97,75 @@ def their_command(steps: int, out: Path, args, model_dir: Path, images: Path, lo
 
 
 def run_env(threads: int, work: Path) -> dict[str, str]:
+    """One compile thread: inductor's pool of compile workers would run on while its trainer is paused."""
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-            "TQDM_DISABLE": "1", "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache")}
+            "TQDM_DISABLE": "1", "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache"),
+            "TORCHINDUCTOR_COMPILE_THREADS": "1"}
 
 
-def run_and_read_step_times(command: list[str], env: dict[str, str], out: Path) -> list[float]:
-    """Runs the whole command (its output goes to <out>.log, shown if it fails) and returns the wall time at which
-    it logged each optimizer step, read from the TensorBoard event files it wrote under `out`."""
-    log = out.with_suffix(".log")
-    with log.open("w") as f:
-        done = subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    if done.returncode:
-        sys.exit(f"failed ({done.returncode}): {' '.join(command)}\n{log.read_text()[-5000:]}")
+class Run(NamedTuple):
+    setting: str
+    process: subprocess.Popen
+    out: Path
+
+
+def start_paused(setting: str, command: list[str], env: dict[str, str], out: Path) -> Run:
+    """Starts the whole command in a process group of its own (its output goes to <out>.log) and pauses it."""
+    with out.with_suffix(".log").open("w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                   start_new_session=True)
+    os.killpg(process.pid, signal.SIGSTOP)
+    return Run(setting, process, out)
+
+
+def take_turns(runs: list[Run], turn_seconds: float) -> dict[str, list[tuple[float, float]]]:
+    """Lets the runs go one at a time, `turn_seconds` each in turn, until all have ended; returns each setting's
+    turns as (wall time resumed, wall time paused or ended). Every run gets the whole machine in its turns, and
+    a change of load over minutes falls on all of them alike."""
+    turns = {run.setting: [] for run in runs}
+    running = list(runs)
+    while running:
+        for run in list(running):
+            os.killpg(run.process.pid, signal.SIGCONT)
+            resumed = time.time()
+            try:
+                run.process.wait(turn_seconds)
+                running.remove(run)
+            except subprocess.TimeoutExpired:
+                os.killpg(run.process.pid, signal.SIGSTOP)
+            turns[run.setting].append((resumed, time.time()))
+    return turns
+
+
+def logged_step_times(run: Run, command: list[str]) -> list[float]:
+    """The wall time at which the run logged each optimizer step, read from the TensorBoard event files it wrote
+    under its folder (then removed: the run's exports, caches and checkpoints)."""
+    log = run.out.with_suffix(".log")
+    if run.process.returncode:
+        sys.exit(f"failed ({run.process.returncode}): {' '.join(command)}\n{log.read_text()[-5000:]}")
     first_logged = {}
-    for events in sorted(out.rglob("events.out.tfevents.*")):
+    for events in sorted(run.out.rglob("events.out.tfevents.*")):
         for event in EventFileLoader(str(events)).Load():
             if event.summary.value:
                 first_logged.setdefault(event.step, event.wall_time)
-    shutil.rmtree(out, ignore_errors=True)  # the run's exports, caches and checkpoints
+    shutil.rmtree(run.out, ignore_errors=True)
     return [first_logged[step] for step in sorted(first_logged)]
 
 
-def steady_rates(step_times: list[float], warmup: int) -> tuple[float, float]:
-    """(steps / seconds over the window after `warmup` steps, 1 / the median time between consecutive steps)."""
-    window = step_times[warmup:]
-    if len(window) < 3:
-        sys.exit(f"only {len(step_times)} logged steps: --steps must exceed --warmup by 3 or more")
-    gaps = [later - earlier for earlier, later in zip(window, window[1:])]
-    return len(gaps) / (window[-1] - window[0]), 1 / median(gaps)
+class Rates(NamedTuple):
+    samples_per_s: float  # steps / their seconds
+    per_median_step: float  # 1 / their median time
+    steps: int  # how many steps counted
+
+
+def steady_rates(step_times: list[float], turns: list[tuple[float, float]], warmup: int) -> Rates:
+    """The rates of the steps after `warmup` that began and ended within one turn (a step the pause cut in two is
+    left out)."""
+    gaps = [later - earlier for earlier, later in zip(step_times[warmup:], step_times[warmup + 1:])
+            if any(resumed <= earlier and later <= paused for resumed, paused in turns)]
+    if len(gaps) < 3:
+        sys.exit(f"only {len(gaps)} steps within one turn: raise --steps or --turn-seconds")
+    return Rates(len(gaps) / sum(gaps), 1 / median(gaps), len(gaps))
 
 
 # --- the measurement
@@ -130,16 +177,24 @@ class Bench:
         self.env = run_env(args.threads, work)
         self.runs = 0
 
-    def rates(self, setting: str) -> tuple[float, float]:
-        self.runs += 1
-        out = self.work / f"run{self.runs:03d}"
+    def command(self, setting: str, out: Path) -> list[str]:
         if setting == "theirs":
-            command = their_command(self.args.steps, out, self.args, self.model_dir, self.their_images,
-                                    self.lora_targets)
-        else:
-            command = our_command(our_compile(setting), self.args.steps, out, self.args, self.model_dir,
-                                  self.our_images)
-        return steady_rates(run_and_read_step_times(command, self.env, out), self.args.warmup)
+            return their_command(self.args.steps, out, self.args, self.model_dir, self.their_images,
+                                 self.lora_targets)
+        return our_command(our_compile(setting), self.args.steps, out, self.args, self.model_dir, self.our_images)
+
+    def trial(self, order: list[str]) -> dict[str, Rates]:
+        """Every setting's run at once, taking turns in `order`: {setting: steady rates}."""
+        commands, runs = {}, []
+        for setting in order:
+            self.runs += 1
+            out = self.work / f"run{self.runs:03d}"
+            commands[setting] = self.command(setting, out)
+            runs.append(start_paused(setting, commands[setting], self.env, out))
+        turns = take_turns(runs, self.args.turn_seconds)
+        return {run.setting: steady_rates(logged_step_times(run, commands[run.setting]), turns[run.setting],
+                                          self.args.warmup)
+                for run in runs}
 
 
 def settings(compiles: list[str]) -> list[str]:
@@ -150,33 +205,47 @@ def our_compile(setting: str) -> str:
     return "false" if setting == "ours eager" else setting.removeprefix("ours compile=")
 
 
-def measure(bench: Bench, trials: int) -> dict[str, list[tuple[float, float]]]:
+def measure(bench: Bench, trials: int) -> list[dict[str, Rates]]:
     chosen = settings(bench.args.compile)
-    rates = {setting: [] for setting in chosen}
+    results = []
     for trial in range(trials):
-        for setting in chosen if trial % 2 == 0 else chosen[::-1]:
-            rates[setting].append(bench.rates(setting))
-            window, per_step = rates[setting][-1]
-            print(f"trial {trial + 1}: {setting}: {window:.3f} samples/s (median step: {per_step:.3f})", flush=True)
-    return rates
+        results.append(bench.trial(chosen if trial % 2 == 0 else chosen[::-1]))
+        print(f"trial {trial + 1}: " + " | ".join(
+            f"{setting}: {rates.samples_per_s:.3f} samples/s (median step: {rates.per_median_step:.3f}, "
+            f"{rates.steps} steps)" for setting, rates in results[-1].items()), flush=True)
+    return results
 
 
-def report(args, transformer, lora_targets: list[str], rates: dict[str, list[tuple[float, float]]]) -> None:
+def report(args, transformer, lora_targets: list[str], trials: list[dict[str, Rates]]) -> None:
     params = sum(p.numel() for p in transformer.parameters())
-    window = {setting: [r[0] for r in runs] for setting, runs in rates.items()}
-    per_step = {setting: [r[1] for r in runs] for setting, runs in rates.items()}
-    print_table(f"Steady-state samples/s (median of {args.trials} runs), small Flux ({params:,} transformer params, "
+    chosen = settings(args.compile)
+    window = {setting: [trial[setting].samples_per_s for trial in trials] for setting in chosen}
+    per_step = {setting: [trial[setting].per_median_step for trial in trials] for setting in chosen}
+    print_table(f"Steady-state samples/s (median of {args.trials} trials), small Flux ({params:,} transformer params, "
                 f"LoRA rank {args.rank} on {len(lora_targets)} Linear layers), {args.resolution} px, float32, "
                 f"batch 1, {args.threads} threads, steps {args.warmup + 1}-{args.steps}",
                 ["trainer", "samples/s", "min", "max", "1 / median step"],
-                [[s, median(window[s]), min(window[s]), max(window[s]), median(per_step[s])] for s in rates])
+                [[s, median(window[s]), min(window[s]), max(window[s]), median(per_step[s])] for s in chosen])
     for name, figures in (("samples/s", window), ("1 / median step", per_step)):
-        eager, theirs = median(figures["ours eager"]), median(figures["theirs"])
-        print(f"\n{name}: ours eager / theirs {eager / theirs:.3f}")
-        for setting in settings(args.compile)[1:-1]:
-            compiled = median(figures[setting])
-            print(f"  {setting}: / theirs {compiled / theirs:.3f}  {verdict(compiled / theirs, TARGET_RATIO, False)}, "
-                  f"/ ours eager {compiled / eager:.3f}")
+        print(f"\n{name}: ours eager / theirs {paired_ratios(figures, 'ours eager', 'theirs')}")
+        for setting in chosen[1:-1]:
+            to_theirs = paired_ratios(figures, setting, "theirs")
+            print(f"  {setting}: / theirs {to_theirs}  {verdict(to_theirs.median, TARGET_RATIO, False)}, "
+                  f"/ ours eager {paired_ratios(figures, setting, 'ours eager')}")
+
+
+class Ratios(NamedTuple):
+    """A setting's rate over another's in each trial (the two ran side by side), and their median."""
+    median: float
+    per_trial: list[float]
+
+    def __str__(self) -> str:
+        return f"{self.median:.3f} (trials: {', '.join(f'{r:.2f}' for r in self.per_trial)})"
+
+
+def paired_ratios(figures: dict[str, list[float]], setting: str, other: str) -> Ratios:
+    per_trial = [mine / theirs for mine, theirs in zip(figures[setting], figures[other])]
+    return Ratios(median(per_trial), per_trial)
 
 
 def main() -> None:
@@ -188,8 +257,8 @@ def main() -> None:
         transformer = small_flux(args.layers, args.single_layers, args.heads, text_width=TINY_TEXT_WIDTH)
         model_dir = small_flux_pipeline_folder(transformer, work / "small-flux")
         lora_targets = our_lora_targets(work, model_dir, transformer)
-        rates = measure(Bench(args, work, model_dir, lora_targets), args.trials)
-    report(args, transformer, lora_targets, rates)
+        trials = measure(Bench(args, work, model_dir, lora_targets), args.trials)
+    report(args, transformer, lora_targets, trials)
 
 
 if __name__ == "__main__":
