@@ -105,6 +105,7 @@ def run_env(threads: int, work: Path) -> dict[str, str]:
 
 class Run(NamedTuple):
     setting: str
+    command: list[str]
     process: subprocess.Popen
     out: Path
 
@@ -115,34 +116,39 @@ def start_paused(setting: str, command: list[str], env: dict[str, str], out: Pat
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                    start_new_session=True)
     os.killpg(process.pid, signal.SIGSTOP)
-    return Run(setting, process, out)
+    return Run(setting, command, process, out)
 
 
 def take_turns(runs: list[Run], turn_seconds: float) -> dict[str, list[tuple[float, float]]]:
     """Lets the runs go one at a time, `turn_seconds` each in turn, until all have ended; returns each setting's
     turns as (wall time resumed, wall time paused or ended). Every run gets the whole machine in its turns, and
-    a change of load over minutes falls on all of them alike."""
+    a change of load over minutes falls on all of them alike. If this is interrupted, the runs still going are
+    killed rather than left paused."""
     turns = {run.setting: [] for run in runs}
     running = list(runs)
-    while running:
-        for run in list(running):
-            os.killpg(run.process.pid, signal.SIGCONT)
-            resumed = time.time()
-            try:
-                run.process.wait(turn_seconds)
-                running.remove(run)
-            except subprocess.TimeoutExpired:
-                os.killpg(run.process.pid, signal.SIGSTOP)
-            turns[run.setting].append((resumed, time.time()))
+    try:
+        while running:
+            for run in list(running):
+                os.killpg(run.process.pid, signal.SIGCONT)
+                resumed = time.time()
+                try:
+                    run.process.wait(turn_seconds)
+                    running.remove(run)
+                except subprocess.TimeoutExpired:
+                    os.killpg(run.process.pid, signal.SIGSTOP)
+                turns[run.setting].append((resumed, time.time()))
+    finally:
+        for run in running:
+            os.killpg(run.process.pid, signal.SIGKILL)
     return turns
 
 
-def logged_step_times(run: Run, command: list[str]) -> list[float]:
+def logged_step_times(run: Run) -> list[float]:
     """The wall time at which the run logged each optimizer step, read from the TensorBoard event files it wrote
     under its folder (then removed: the run's exports, caches and checkpoints)."""
     log = run.out.with_suffix(".log")
     if run.process.returncode:
-        sys.exit(f"failed ({run.process.returncode}): {' '.join(command)}\n{log.read_text()[-5000:]}")
+        sys.exit(f"failed ({run.process.returncode}): {' '.join(run.command)}\n{log.read_text()[-5000:]}")
     first_logged = {}
     for events in sorted(run.out.rglob("events.out.tfevents.*")):
         for event in EventFileLoader(str(events)).Load():
@@ -185,15 +191,13 @@ class Bench:
 
     def trial(self, order: list[str]) -> dict[str, Rates]:
         """Every setting's run at once, taking turns in `order`: {setting: steady rates}."""
-        commands, runs = {}, []
+        runs = []
         for setting in order:
             self.runs += 1
             out = self.work / f"run{self.runs:03d}"
-            commands[setting] = self.command(setting, out)
-            runs.append(start_paused(setting, commands[setting], self.env, out))
+            runs.append(start_paused(setting, self.command(setting, out), self.env, out))
         turns = take_turns(runs, self.args.turn_seconds)
-        return {run.setting: steady_rates(logged_step_times(run, commands[run.setting]), turns[run.setting],
-                                          self.args.warmup)
+        return {run.setting: steady_rates(logged_step_times(run), turns[run.setting], self.args.warmup)
                 for run in runs}
 
 
