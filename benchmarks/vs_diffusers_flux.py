@@ -37,7 +37,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--diffusers-script", type=Path, required=True,
                    help="diffusers' examples/dreambooth/train_dreambooth_lora_flux.py")
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps of each run")
+    p.add_argument("--steps", type=int, default=100,
+                   help="optimizer steps of each run (with 40, the trials' ratios spread wider)")
     p.add_argument("--warmup", type=int, default=8, help="first steps left out of the rate (the compile is in them)")
     p.add_argument("--trials", type=int, default=3, help="runs per setting")
     p.add_argument("--turn-seconds", type=float, default=4.0,
